@@ -1,0 +1,325 @@
+"""params.yaml: one typed, validated source of every hyperparameter.
+
+Each section of params.yaml is a frozen dataclass below. Field metadata
+carries the allowed range or choices, so the schema, the defaults and the
+validation live in one place. `load_params` rejects unknown keys, wrong
+types and out-of-range values with one line that names the key, before any
+stage does work (see `errors.ConfigError`, exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from edgerlhf.errors import ConfigError
+
+PRECISIONS = ("bf16", "int8", "int4")
+SPLITS = ("sft_train", "sft_eval", "rm_train", "rm_test", "ppo_prompts", "eval_prompts", "judge_train")
+
+
+def _f(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+       doc: str = "") -> Any:
+    """A dataclass field with an optional numeric range [lo, hi] (or (lo, hi] when lo_open)."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc})
+
+
+def _lst(default: list, **kw: Any) -> Any:
+    return field(default_factory=lambda: list(default), metadata=kw)
+
+
+@dataclass(frozen=True)
+class TinyModelParams:
+    """Shape of the offline model built from a config (no download)."""
+
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    n_layer: int = _f(2, lo=1)
+    n_embd: int = _f(64, lo=8)
+    n_head: int = _f(4, lo=1)
+    n_positions: int = _f(256, lo=16)
+    vocab_size: int = _f(512, lo=64, doc="size of the byte-level BPE trained on the corpus")
+    initializer_range: float = _f(0.02, lo=0.0, lo_open=True)
+    pretrain_steps: int = _f(300, lo=0, doc="full-parameter LM steps on the training corpus, so LoRA starts from an LM")
+    pretrain_batch_size: int = _f(32, lo=1)
+    pretrain_lr: float = _f(3e-3, lo=0.0, lo_open=True)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    source: Literal["hub", "tiny"] = "hub"
+    name: str = "distilgpt2"
+    revision: str = "main"
+    trust_remote_code: bool = False
+    tiny: TinyModelParams = field(default_factory=TinyModelParams)
+
+
+@dataclass(frozen=True)
+class SplitSizes:
+    sft_train: int = _f(5000, lo=1)
+    sft_eval: int = _f(200, lo=1)
+    rm_train: int = _f(5000, lo=1)
+    rm_test: int = _f(1000, lo=1)
+    ppo_prompts: int = _f(1024, lo=1)
+    eval_prompts: int = _f(200, lo=1)
+    judge_train: int = _f(0, lo=0, doc="0 disables the trained-judge split")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["hh-rlhf", "jsonl", "synthetic"] = "hh-rlhf"
+    hub_id: str = "Anthropic/hh-rlhf"
+    hub_revision: str = "main"
+    jsonl_path: str = ""
+    on_malformed: Literal["error", "skip"] = "error"
+    max_prompt_chars: int = _f(1024, lo=16, doc="longer prompts are skipped and counted")
+    sizes: SplitSizes = field(default_factory=SplitSizes)
+
+
+@dataclass(frozen=True)
+class HardwareParams:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    vram_budget_gb: float = _f(8.0, lo=0.0)
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int = _f(16, lo=1)
+    alpha: int = _f(32, lo=1)
+    dropout: float = _f(0.05, lo=0.0, hi=0.9)
+    target_modules: list[str] = _lst([], doc="empty: the attention + MLP projections of the arch")
+
+
+@dataclass(frozen=True)
+class SFTParams:
+    learning_rate: float = _f(2e-4, lo=0.0, lo_open=True)
+    per_device_train_batch_size: int = _f(1, lo=1)
+    gradient_accumulation_steps: int = _f(8, lo=1)
+    num_train_epochs: float = _f(1.0, lo=0.0, lo_open=True)
+    max_steps: int = _f(-1, lo=-1, doc="-1: run num_train_epochs")
+    max_length: int = _f(512, lo=8)
+    warmup_ratio: float = _f(0.0, lo=0.0, hi=0.99, doc="fraction of steps for linear warmup")
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = _f(0.0, lo=0.0)
+    gradient_checkpointing: bool = True
+    logging_steps: int = _f(10, lo=1)
+
+
+@dataclass(frozen=True)
+class RewardParams:
+    precisions: list[str] = _lst(list(PRECISIONS))
+    learning_rate: float = _f(2e-4, lo=0.0, lo_open=True)
+    per_device_train_batch_size: int = _f(4, lo=1)
+    gradient_accumulation_steps: int = _f(4, lo=1)
+    num_train_epochs: float = _f(1.0, lo=0.0, lo_open=True)
+    max_steps: int = _f(-1, lo=-1)
+    max_length: int = _f(512, lo=8)
+    warmup_ratio: float = _f(0.0, lo=0.0, hi=0.99, doc="fraction of steps for linear warmup")
+    lr_scheduler_type: Literal["linear", "cosine", "constant"] = "linear"
+    weight_decay: float = _f(0.0, lo=0.0)
+    center_rewards_coefficient: float = _f(0.0, lo=0.0)
+    gradient_checkpointing: bool = True
+    logging_steps: int = _f(10, lo=1)
+    eval_batch_size: int = _f(16, lo=1)
+    ece_bins: int = _f(10, lo=2)
+
+
+@dataclass(frozen=True)
+class PPOParams:
+    """PPO hyperparameters (see ppo-notes): one optimizer step sees
+    mini_batch_size * gradient_accumulation_steps episodes; each update runs
+    ppo_epochs passes over batch_size fresh episodes."""
+
+    total_episodes: int = _f(4096, lo=1)
+    batch_size: int = _f(32, lo=1, doc="episodes sampled per PPO update")
+    mini_batch_size: int = _f(2, lo=1, doc="episodes per forward/backward")
+    gradient_accumulation_steps: int = _f(4, lo=1)
+    ppo_epochs: int = _f(4, lo=1)
+    learning_rate: float = _f(1.41e-5, lo=0.0)
+    lr_schedule: Literal["constant", "linear"] = "linear"
+    adam_eps: float = _f(1e-5, lo=0.0, lo_open=True)
+    max_grad_norm: float = _f(0.5, lo=0.0, lo_open=True)
+    cliprange: float = _f(0.2, lo=0.0, lo_open=True)
+    cliprange_value: float = _f(0.2, lo=0.0, lo_open=True)
+    vf_coef: float = _f(0.1, lo=0.0)
+    ent_coef: float = _f(0.0, lo=0.0)
+    gamma: float = _f(1.0, lo=0.0, hi=1.0)
+    lam: float = _f(0.95, lo=0.0, hi=1.0)
+    response_length: int = _f(64, lo=1)
+    temperature: float = _f(0.7, lo=0.0, lo_open=True)
+    top_k: int = _f(0, lo=0)
+    top_p: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
+    missing_eos_penalty: float = _f(1.0, lo=0.0)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_control: Literal["adaptive", "fixed"] = "adaptive"
+    init_kl_coef: float = _f(0.1, lo=0.0)
+    target_kl: float = _f(6.0, lo=0.0, lo_open=True)
+    kl_horizon: int = _f(10000, lo=1)
+    whiten_rewards: bool = False
+    normalize_score: bool = True
+    score_norm_samples: int = _f(64, lo=2, doc="SFT samples used to measure the score mean/std")
+    lora_r: int = _f(16, lo=1)
+    lora_alpha: int = _f(32, lo=1)
+    gradient_checkpointing: bool = True
+    logprob_chunk_size: int = _f(4, lo=1, doc="rows per chunk when computing log-probs")
+    eval_every: int = _f(10, lo=0, doc="updates between gold/proxy checks on a fixed prompt set; 0 off")
+    eval_prompts: int = _f(32, lo=1)
+    log_every: int = _f(1, lo=1)
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    judge: str = _f("auto", doc="auto: rule scorer (synthetic) or the trained judge (hh-rlhf); or a hub RM id")
+    max_new_tokens: int = _f(64, lo=1)
+    temperature: float = _f(0.7, lo=0.0, lo_open=True)
+    top_k: int = _f(0, lo=0)
+    top_p: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True)
+    batch_size: int = _f(16, lo=1)
+    bootstrap_samples: int = _f(1000, lo=10)
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = _f(42, lo=0)
+    model: ModelParams = field(default_factory=ModelParams)
+    data: DataParams = field(default_factory=DataParams)
+    hardware: HardwareParams = field(default_factory=HardwareParams)
+    lora: LoraParams = field(default_factory=LoraParams)
+    sft: SFTParams = field(default_factory=SFTParams)
+    reward: RewardParams = field(default_factory=RewardParams)
+    ppo: PPOParams = field(default_factory=PPOParams)
+    eval: EvalParams = field(default_factory=EvalParams)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {typing.get_args(tp)[0].__name__}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any, meta: dict) -> Any:
+    """Check `value` against the field type `tp` and range in `meta`; return it typed."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping (got {type(value).__name__})")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key} must be {_type_name(tp)} (got {value!r})")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list) or not all(isinstance(v, item_tp) for v in value):
+            raise ConfigError(f"{key} must be {_type_name(tp)} (got {value!r})")
+        return list(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false (got {value!r})")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer (got {value!r})")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number (got {value!r})")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key} must be finite (got {value!r})")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string (got {value!r})")
+        return value
+    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open", False)
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ConfigError(f"{key} must be {'>' if lo_open else '>='} {lo} (got {value!r})")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key} must be <= {hi} (got {value!r})")
+    return value
+
+
+def _build(cls: type, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"unknown key {prefix}{key} (allowed: {', '.join(names)})")
+    kwargs = {}
+    for name, f in names.items():
+        if name in raw:
+            kwargs[name] = _coerce(prefix + name, raw[name], hints[name], dict(f.metadata))
+    return cls(**kwargs)
+
+
+def _check_cross_field(p: Params) -> None:
+    """Rules that span several keys."""
+    for prec in p.reward.precisions:
+        if prec not in PRECISIONS:
+            raise ConfigError(f"reward.precisions has unknown precision {prec!r} (allowed: {', '.join(PRECISIONS)})")
+    if not p.reward.precisions:
+        raise ConfigError("reward.precisions must name at least one of " + ", ".join(PRECISIONS))
+    if len(set(p.reward.precisions)) != len(p.reward.precisions):
+        raise ConfigError(f"reward.precisions has duplicates ({p.reward.precisions})")
+    step = p.ppo.mini_batch_size * p.ppo.gradient_accumulation_steps
+    if p.ppo.batch_size % step:
+        raise ConfigError(
+            f"ppo.batch_size ({p.ppo.batch_size}) must be a multiple of ppo.mini_batch_size * "
+            f"ppo.gradient_accumulation_steps ({step})")
+    if p.ppo.total_episodes < p.ppo.batch_size:
+        raise ConfigError(f"ppo.total_episodes ({p.ppo.total_episodes}) must be >= ppo.batch_size ({p.ppo.batch_size})")
+    if p.model.tiny.n_embd % p.model.tiny.n_head:
+        raise ConfigError(f"model.tiny.n_embd ({p.model.tiny.n_embd}) must be divisible by model.tiny.n_head")
+    if p.data.source == "jsonl" and not p.data.jsonl_path:
+        raise ConfigError("data.jsonl_path must be set when data.source is 'jsonl'")
+    if p.model.source == "tiny" and p.data.source == "hh-rlhf" and p.model.tiny.vocab_size < 256:
+        raise ConfigError("model.tiny.vocab_size must be >= 256 for hh-rlhf text")
+
+
+def parse_params(raw: Any) -> Params:
+    """Validate a params mapping (as loaded from YAML) and return typed Params."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params must be a mapping at the top level (got {type(raw).__name__})")
+    params = _build(Params, raw)
+    _check_cross_field(params)
+    return params
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> Params:
+    """Read, merge `overrides` into, and validate params.yaml."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path} not found: run from the project root (or the .smoke copy)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return parse_params(raw)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Return `base` with `override` merged in, recursively for mappings."""
+    out = dict(base)
+    for key, val in override.items():
+        if isinstance(val, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], val)
+        else:
+            out[key] = val
+    return out
+
+
+def to_dict(params: Any) -> dict:
+    """Params (or a section) as plain YAML-able dicts, e.g. for model cards and saved runs."""
+    return dataclasses.asdict(params)
+
