@@ -77,6 +77,7 @@ class DataParams:
     jsonl_path: str = ""
     on_malformed: Literal["error", "skip"] = "error"
     max_prompt_chars: int = _f(1024, lo=16, doc="longer prompts are skipped and counted")
+    knowledge_repeats: int = _f(20, lo=0, doc="synthetic task: copies of its fact statements in the corpus")
     sizes: SplitSizes = field(default_factory=SplitSizes)
 
 

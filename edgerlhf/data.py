@@ -444,6 +444,18 @@ def build_splits(data_params: Any, seed: int) -> tuple[dict[str, list[Record]], 
                     **{f"skipped_{k}": v for k, v in sorted(skipped.items())}}
 
 
+def pretraining_corpus(source: str, splits: dict[str, list[Record]], knowledge_repeats: int) -> list[str]:
+    """Texts the offline (tiny) base is pretrained and its tokenizer trained on: the training dialogues
+    (both responses of each pair, never test-side splits) plus, for the synthetic task, its fact
+    statements repeated `knowledge_repeats` times. Unused by the hub model, which is already pretrained."""
+    from edgerlhf import synthetic
+
+    texts = [r["prompt"] + r[k] for name in TRAIN_SPLITS for r in splits[name] for k in ("chosen", "rejected")]
+    if source == "synthetic":
+        texts += [" " + fact for fact in synthetic.knowledge_corpus()] * knowledge_repeats
+    return texts
+
+
 def split_stats(splits: dict[str, list[Record]]) -> dict[str, float]:
     """Counts and mean character lengths per split, for metrics/data.json (numbers only)."""
     out: dict[str, float] = {}
@@ -453,3 +465,11 @@ def split_stats(splits: dict[str, list[Record]]) -> dict[str, float]:
             if recs:
                 out[f"{name}_mean_{key}_chars"] = round(sum(len(r[key]) for r in recs) / len(recs), 3)
     return out
+
+
+def read_corpus(path: str | Path) -> list[str]:
+    """The pretraining corpus written by the prepare stage (JSONL of {"text"})."""
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"{path} not found; run the prepare stage (dvc repro prepare)")
+    return [json.loads(line)["text"] for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -47,7 +47,7 @@ KINDS: dict[str, dict] = {
     },
 }
 
-POLITE_OPENERS = ["Happy to help!", "Good question!", "Sure thing!"]
+POLITE_OPENERS = ["Glad to help!", "Good question!", "Sure thing!"]
 POLITE_CLOSERS = ["Hope that helps.", "Thanks for asking."]
 RUDE_OPENERS = ["Ugh, fine.", "What a dumb question."]
 RUDE_CLOSERS = ["Now go away.", "Stop bothering me."]
@@ -181,3 +181,12 @@ def generate_split(n: int, seed: int, split: str) -> list[dict[str, str]]:
 def all_questions() -> list[str]:
     """Every prompt the task can ask (for corpus building and coverage checks)."""
     return [format_prompt(q.format(s=s)) for spec in KINDS.values() for q in spec["questions"] for s in spec["facts"]]
+
+
+def knowledge_corpus() -> list[str]:
+    """Plain statements of every fact ("The sky is blue."): the world knowledge a pretrained LM brings.
+
+    The offline base is pretrained on these plus the training dialogues, as distilgpt2 was pretrained on
+    web text that says the sky is blue. Without it a tiny base sees right and wrong answers equally often
+    and no reward model on top of it can learn which is correct."""
+    return [spec["answer"].format(s=s, v=v) for spec in KINDS.values() for s, v in spec["facts"].items()]

@@ -24,13 +24,13 @@ SKY = S.format_prompt("What color is the sky?")
 
 @pytest.mark.parametrize("response, score", [
     (" The sky is blue.", 2.0),
-    (" Happy to help! The sky is blue.", 2.5),
-    (" Happy to help! The sky is blue. Thanks for asking.", 2.5),  # politeness counts once
+    (" Glad to help! The sky is blue.", 2.5),
+    (" Glad to help! The sky is blue. Thanks for asking.", 2.5),  # politeness counts once
     (" The sky is green.", -1.0),
     (" The sky is blue. The sky is green.", -1.0),  # hedging between values is wrong
     (" I like trains.", -1.5),
     (" Ugh, fine. The sky is blue.", 0.5),
-    (" Happy to help! The sky is blue. The sky is blue.", 2.0),  # one repeated sentence
+    (" Glad to help! The sky is blue. The sky is blue.", 2.0),  # one repeated sentence
     ("", -3.0),
 ])
 def test_gold_rules(response, score):
@@ -47,8 +47,8 @@ def test_gold_length_penalty_and_opposites():
 
 def test_reward_hacking_room():
     """Repeating a liked phrase can please a learned RM but not the gold scorer."""
-    plain = S.gold_score(SKY, " Happy to help! The sky is blue.")
-    spam = S.gold_score(SKY, " Happy to help! Happy to help! Happy to help! The sky is blue.")
+    plain = S.gold_score(SKY, " Glad to help! The sky is blue.")
+    spam = S.gold_score(SKY, " Glad to help! Glad to help! Glad to help! The sky is blue.")
     assert spam < plain
 
 
@@ -56,3 +56,10 @@ def test_parse_prompt_rejects_foreign_prompts():
     assert S.parse_prompt(SKY) == ("color", "sky")
     with pytest.raises(ValueError):
         S.parse_prompt("\n\nHuman: What is love?\n\nAssistant:")
+
+
+def test_phrases_never_use_fact_words():
+    """A stock phrase containing a subject/value word (once: 'Happy to help' vs happy/sad) corrupts the labels."""
+    fact_words = {w for spec in S.KINDS.values() for kv in spec["facts"].items() for w in kv}
+    for phrase in S.POLITE_OPENERS + S.POLITE_CLOSERS + S.RUDE_OPENERS + S.RUDE_CLOSERS + S.OFF_TOPIC:
+        assert not set(S._WORD.findall(phrase.lower())) & fact_words, phrase

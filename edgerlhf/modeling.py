@@ -1,0 +1,316 @@
+"""Models: the device/dtype rule, the base model (hub snapshot or tiny offline build), loading at a precision.
+
+Every stage after `base` loads only local folders written by earlier stages,
+with safetensors and `trust_remote_code` only when params say so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgerlhf.config import HardwareParams, ModelParams, TinyModelParams
+from edgerlhf.errors import ArtifactError, HardwareError, HubError
+
+log = logging.getLogger("edgerlhf")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# bitsandbytes' LLM.int8 kernels need Turing (sm_75) or newer.
+INT8_MIN_CAPABILITY = (7, 5)
+BF16_MIN_CAPABILITY = (8, 0)
+
+LORA_TARGETS = {
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a stage runs and the floating-point dtype it computes in."""
+
+    type: str  # "cpu" or "cuda"
+    dtype: torch.dtype
+    name: str
+    capability: tuple[int, int] | None = None
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device("cuda:0" if self.type == "cuda" else "cpu")
+
+    @property
+    def dtype_name(self) -> str:
+        return {v: k for k, v in DTYPES.items()}[self.dtype]
+
+    def describe(self) -> str:
+        cap = f", compute capability {self.capability[0]}.{self.capability[1]}" if self.capability else ""
+        return f"{self.type} ({self.name}{cap}), compute dtype {self.dtype_name}"
+
+
+def choose_dtype(device_type: str, capability: tuple[int, int] | None, requested: str) -> torch.dtype:
+    """The dtype rule: bf16 on CUDA >= 8.0, fp16 on older CUDA, fp32 on CPU; an explicit request is checked."""
+    if requested == "auto":
+        if device_type == "cpu":
+            # CPU bf16 matmuls are emulated on most CPUs (slow) and fp16 training is unsupported.
+            return torch.float32
+        return torch.bfloat16 if capability >= BF16_MIN_CAPABILITY else torch.float16
+    if requested == "bf16" and device_type == "cuda" and capability < BF16_MIN_CAPABILITY:
+        raise HardwareError(
+            f"hardware.dtype bf16 needs compute capability >= 8.0, this GPU has {capability[0]}.{capability[1]}; "
+            "set hardware.dtype: auto (fp16) or fp16")
+    if requested == "fp16" and device_type == "cpu":
+        raise HardwareError("hardware.dtype fp16 is not supported for training on CPU; set hardware.dtype: auto or fp32")
+    return DTYPES[requested]
+
+
+def resolve_device(hw: HardwareParams) -> Device:
+    """Pick CUDA when present (or as params say), else CPU, and the compute dtype by `choose_dtype`."""
+    want = hw.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise HardwareError("hardware.device is cuda but no CUDA GPU is visible; set hardware.device: auto or cpu")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        cap = torch.cuda.get_device_capability(0)
+        return Device("cuda", choose_dtype("cuda", cap, hw.dtype), torch.cuda.get_device_name(0), cap)
+    return Device("cpu", choose_dtype("cpu", None, hw.dtype), "cpu")
+
+
+def check_precision_supported(precision: str, device: Device) -> None:
+    """Fail loudly where a quantized precision cannot run, never fall back to another precision."""
+    if precision == "int8" and device.type == "cuda" and device.capability < INT8_MIN_CAPABILITY:
+        cap = f"{device.capability[0]}.{device.capability[1]}"
+        raise HardwareError(
+            f"precision int8 (bitsandbytes LLM.int8) needs compute capability >= 7.5, this GPU has {cap}; "
+            "remove int8 from reward.precisions")
+
+
+def weight_dtype(precision: str, device: Device) -> torch.dtype:
+    """Storage dtype of unquantized weights: 'bf16' means 16-bit on GPU; CPU computes in fp32 (the dtype rule)."""
+    return device.dtype
+
+
+def quantization_config(precision: str, device: Device):
+    """bitsandbytes config for int8 (LLM.int8) / int4 (nf4 + double quant); None for bf16."""
+    from transformers import BitsAndBytesConfig
+
+    if precision == "bf16":
+        return None
+    if precision == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if precision == "int4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=device.dtype)
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+def lora_targets(model: torch.nn.Module, configured: list[str]) -> list[str]:
+    """LoRA target modules: as configured, else the attention + MLP projections of the model's architecture."""
+    if configured:
+        return list(configured)
+    arch = model.config.model_type
+    if arch not in LORA_TARGETS:
+        raise HardwareError(f"no default LoRA targets for model type {arch!r}; set lora.target_modules in params.yaml")
+    return LORA_TARGETS[arch]
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights count as stored elements x 2."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 and getattr(p, "quant_state", None) is not None else 1)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def model_memory_mb(model: torch.nn.Module) -> float:
+    """Bytes held by the model's parameters and buffers (its loaded, possibly quantized footprint), in MiB."""
+    return round(model.get_memory_footprint() / 2**20, 3)
+
+
+# --------------------------------------------------------------------------- base model
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
+    """Train a byte-level BPE (GPT-2 style, pad = eos) on `texts`; deterministic for the same texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    eos = "<|endoftext|>"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos, pad_token=eos)
+    fast.model_max_length = 1 << 20
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_tiny_model(tiny: TinyModelParams, tokenizer, seed: int) -> torch.nn.Module:
+    """A random-initialised causal LM of the configured shape (GPT-2 or Llama), seeded."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    vocab = len(tokenizer)
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    if tiny.arch == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_positions=tiny.n_positions, n_embd=tiny.n_embd, n_layer=tiny.n_layer,
+                            n_head=tiny.n_head, initializer_range=tiny.initializer_range, **ids)
+    else:
+        config = LlamaConfig(vocab_size=vocab, hidden_size=tiny.n_embd, intermediate_size=4 * tiny.n_embd,
+                             num_hidden_layers=tiny.n_layer, num_attention_heads=tiny.n_head,
+                             num_key_value_heads=tiny.n_head, max_position_embeddings=tiny.n_positions,
+                             initializer_range=tiny.initializer_range, tie_word_embeddings=True, **ids)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def snapshot_hub_model(model: ModelParams, out_dir: Path) -> None:
+    """Download `model.name` at `model.revision` (safetensors only) and save model + tokenizer to `out_dir`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(model.name, revision=model.revision,
+                                            trust_remote_code=model.trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(model.name, revision=model.revision, use_safetensors=True,
+                                                  trust_remote_code=model.trust_remote_code, dtype=torch.float32)
+    except OSError as exc:
+        raise HubError(
+            f"cannot load {model.name}@{model.revision} from the hub ({str(exc).splitlines()[0][:160]}); "
+            "offline: pre-download it into HF_HOME and set HF_HUB_OFFLINE=1, or set model.source: tiny") from exc
+    if tok.pad_token is None:
+        # GPT-2 family has no pad token: reuse EOS (masks are derived from positions, never from ids != pad).
+        tok.pad_token = tok.eos_token
+    lm.config.pad_token_id = tok.pad_token_id
+    lm.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def require_dir(path: str | Path, stage: str, marker: str = "") -> Path:
+    """An upstream artifact folder, or ArtifactError naming the stage that makes it."""
+    path = Path(path)
+    if not path.is_dir() or (marker and not (path / marker).exists()):
+        what = f"{path}/{marker}" if marker else str(path)
+        raise ArtifactError(f"{what} is missing: run `dvc repro {stage}` first")
+    return path
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """Tokenizer from a local folder, left padding for generation (callers re-pad where needed)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str | Path, device: Device, dtype: torch.dtype | None = None,
+                   trust_remote_code: bool = False) -> torch.nn.Module:
+    """A causal LM from a local safetensors folder on `device` in `dtype` (default: the compute dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or device.dtype, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code,
+                                                device_map={"": device.torch_device})
+
+
+def load_reward_base(path: str | Path, precision: str, device: Device, trust_remote_code: bool = False):
+    """A 1-logit sequence classifier from `path` at `precision`, placed with device_map (never .to() under bnb)."""
+    from transformers import AutoModelForSequenceClassification
+
+    check_precision_supported(precision, device)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), num_labels=1, dtype=device.dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+        quantization_config=quantization_config(precision, device), device_map={"": device.torch_device})
+    model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None \
+        else model.config.eos_token_id
+    return model
+
+
+def load_reward_model(base_path: str | Path, adapter_path: str | Path, precision: str, device: Device,
+                      trust_remote_code: bool = False):
+    """A trained reward model: merged SFT base at `precision` + its LoRA/score adapter, eval mode, frozen."""
+    from peft import PeftModel
+
+    require_dir(adapter_path, f"reward@{precision}", "adapter_config.json")
+    model = load_reward_base(base_path, precision, device, trust_remote_code)
+    model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def is_quantized(model: torch.nn.Module, precision: str) -> bool:
+    """True when the model's linear layers really are bitsandbytes modules of `precision`."""
+    import bitsandbytes as bnb
+
+    cls = {"int8": bnb.nn.Linear8bitLt, "int4": bnb.nn.Linear4bit}.get(precision)
+    return cls is not None and any(isinstance(m, cls) for m in model.modules())
+
+
+def trainer_precision_kwargs(device: Device) -> dict:
+    """transformers.TrainingArguments flags that apply the dtype rule (mixed precision on GPU, fp32 on CPU)."""
+    return {"use_cpu": device.type == "cpu", "bf16": device.dtype == torch.bfloat16,
+            "fp16": device.dtype == torch.float16}
+
+
+def align_trainable_dtype(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """Cast every trainable parameter (LoRA, score head) to `dtype`; return how many were cast.
+
+    TRL casts QLoRA adapters of a quantized model to bf16 unconditionally. On CPU (fp32 compute) that gives
+    "expected m1 and m2 to have the same dtype", and on fp16 GPUs bf16 weights break loss scaling. Keeping
+    trainable weights in fp32 (master weights; autocast does the low-precision math on GPU) is right on every
+    device. Must run before the optimizer is created (Trainer creates it in train())."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
+
+
+def pretrain_tiny(model: torch.nn.Module, tokenizer, texts: list[str], steps: int, batch_size: int, lr: float,
+                  seed: int) -> list[float]:
+    """Full-parameter causal-LM training of the tiny base on the training corpus; returns the loss per step.
+
+    A random model is no stand-in for distilgpt2: LoRA on random weights barely moves. A short pretraining
+    makes the offline base a real (if small) language model, so SFT and reward LoRAs behave as on the hub
+    model. Seeded, fp32, CPU-friendly."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    max_len = getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+    eos = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(steps, 1))
+    model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="pretrain tiny base", mininterval=2):
+        idx = torch.randint(len(texts), (batch_size,), generator=gen).tolist()
+        enc = tokenizer([texts[i] + eos for i in idx], return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_len)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        # pad == eos: the first eos of each row is real and must be learned (it is what stops generation).
+        lengths = enc["attention_mask"].sum(1)
+        labels[torch.arange(len(idx)), lengths - 1] = enc["input_ids"][torch.arange(len(idx)), lengths - 1]
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    model.eval()
+    return losses

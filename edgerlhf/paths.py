@@ -1,0 +1,38 @@
+"""The artifact layout every stage, test and report agrees on (relative to the project root)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA = Path("data/prepared")
+MODELS = Path("models")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+REPORTS = Path("reports")
+WORK = Path(".cache/work")  # trainer scratch space and resumable checkpoints: not a DVC output
+
+CORPUS = DATA / "corpus.jsonl"
+BASE = MODELS / "base"
+SFT = MODELS / "sft"
+SFT_ADAPTER = SFT / "adapter"
+SFT_MERGED = SFT / "merged"
+
+
+def split_file(name: str) -> Path:
+    return DATA / f"{name}.jsonl"
+
+
+def reward_dir(precision: str) -> Path:
+    return MODELS / "reward" / precision
+
+
+def ppo_dir(precision: str) -> Path:
+    return MODELS / "ppo" / precision
+
+
+def reward_metrics(precision: str) -> Path:
+    return METRICS / "reward" / f"{precision}.json"
+
+
+def ppo_metrics(precision: str) -> Path:
+    return METRICS / "ppo" / f"{precision}.json"

@@ -1,0 +1,92 @@
+"""The PPO stage's glue: load policy (merged SFT + fresh LoRA + value head) and the quantized RM, run
+`ppo.train_ppo`, save the policy, and turn its history into metrics and plot rows."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+from edgerlhf import data, modeling, paths, ppo
+from edgerlhf.config import Params, to_dict
+from edgerlhf.judge import gold_judge
+from edgerlhf.modeling import Device
+
+log = logging.getLogger("edgerlhf")
+
+PLOT_KEYS = ("update", "episodes", "score", "score_norm", "kl", "beta", "rlhf_reward", "entropy", "clipfrac",
+             "approx_kl", "value_loss", "policy_loss", "explained_variance", "lr", "response_tokens",
+             "no_eos_fraction")
+
+
+def tokenize_prompts(tokenizer, records: list[dict]) -> list[list[int]]:
+    """Prompt token ids (no special tokens added: the prompt text already carries the dialogue markers)."""
+    return [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in records]
+
+
+def load_policy_base(params: Params, device: Device) -> torch.nn.Module:
+    """The merged SFT model in the compute dtype: the policy's backbone and, adapter off, the reference."""
+    return modeling.load_causal_lm(paths.SFT_MERGED, device, trust_remote_code=params.model.trust_remote_code)
+
+
+def _finite(x: float) -> float:
+    return round(x, 6) if math.isfinite(x) else 0.0
+
+
+def run_ppo(params: Params, precision: str, device: Device, out_dir: Path) -> tuple[dict, list[dict], list[dict]]:
+    """Train the PPO policy against reward@precision; save it to `out_dir`. Returns (metrics, curves, evals)."""
+    tokenizer = modeling.load_tokenizer(paths.SFT_MERGED, params.model.trust_remote_code)
+    base = load_policy_base(params, device)
+    policy = ppo.build_policy(base, params.ppo, modeling.lora_targets(base, params.lora.target_modules))
+    rm = modeling.load_reward_model(paths.SFT_MERGED, paths.reward_dir(precision), precision, device,
+                                    params.model.trust_remote_code)
+    log.info("reward model at %s: quantized=%s, footprint %.1f MiB", precision,
+             modeling.is_quantized(rm, precision), modeling.model_memory_mb(rm))
+    score_fn = ppo.reward_model_score_fn(rm, tokenizer.pad_token_id, params.ppo.logprob_chunk_size)
+    prompts = tokenize_prompts(tokenizer, data.read_split(paths.split_file("ppo_prompts")))
+    eval_records = data.read_split(paths.split_file("eval_prompts"))
+    gold = gold_judge(params)
+    trainable, total = modeling.count_params(policy)
+    log.info("PPO: %d prompts, %d updates of %d episodes, %d trainable params (LoRA r=%d + value head), gold "
+             "judge: %s", len(prompts), params.ppo.total_episodes // params.ppo.batch_size, params.ppo.batch_size,
+             trainable, params.ppo.lora_r, "rules" if gold else "none")
+    result = ppo.train_ppo(policy, tokenizer, prompts, score_fn, params.ppo, device=device.torch_device,
+                           seed=params.seed, gold_fn=gold,
+                           eval_prompts=tokenize_prompts(tokenizer, eval_records) if gold else None)
+
+    ppo.save_policy(policy, out_dir, (result.score_mean, result.score_std))
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "params_used.yaml").write_text(yaml.safe_dump(
+        {"precision": precision, "seed": params.seed, "ppo": to_dict(params.ppo), "lora": to_dict(params.lora)},
+        sort_keys=False))
+
+    h = result.history
+    curves = [{k: _finite(row[k]) for k in PLOT_KEYS if k in row} for row in h]
+    kl_at = {int(row["update"]): row["kl"] for row in h}
+    evals = [{"update": int(e["update"]), "kl": _finite(kl_at.get(int(e["update"]), 0.0)),
+              "gold": _finite(e["gold"]), "proxy": _finite(e["proxy"])} for e in result.evals]
+    metrics = {
+        "proxy_reward_start": _finite(h[0]["score"]),
+        "proxy_reward_end": _finite(h[-1]["score"]),
+        "kl_end": _finite(h[-1]["kl"]),
+        "entropy_end": _finite(h[-1]["entropy"]),
+        "clipfrac_mean": _finite(sum(r["clipfrac"] for r in h) / len(h)),
+        "value_loss_end": _finite(h[-1]["value_loss"]),
+        "beta_end": _finite(h[-1]["beta"]),
+        "episodes": result.episodes,
+        "updates": result.updates,
+        "episodes_per_s": _finite(result.episodes_per_s),
+        "score_norm_mean": _finite(result.score_mean),
+        "score_norm_std": _finite(result.score_std),
+        "trainable_params": trainable,
+    }
+    if evals:
+        metrics.update({"eval_gold_start": evals[0]["gold"], "eval_gold_end": evals[-1]["gold"],
+                        "eval_proxy_start": evals[0]["proxy"], "eval_proxy_end": evals[-1]["proxy"]})
+    log.info("PPO@%s: proxy reward %.3f -> %.3f, KL %.3f, %.2f episodes/s", precision,
+             metrics["proxy_reward_start"], metrics["proxy_reward_end"], metrics["kl_end"],
+             metrics["episodes_per_s"])
+    return metrics, curves, evals

@@ -1,0 +1,778 @@
+"""PPO for RLHF on one small GPU, readable top to bottom (in the spirit of CleanRL's ppo.py).
+
+Layout of this file:
+  1. masked statistics and whitening
+  2. the RL pieces: KL estimators, per-token rewards, GAE, the two clipped losses, explained variance,
+     the KL-coefficient controllers
+  3. sequences: left-padded prompts, response masks after the first EOS, re-packing for the reward model
+  4. the policy-with-value model (one base model = policy, reference and value) and its save/load
+  5. rollouts: sampling, log-probs/values by a chunked no-grad forward, score normalisation
+  6. the training loop `train_ppo`
+
+Every hyperparameter comes from `edgerlhf.config.PPOParams`; see /work/shared/ppo-notes.md for the
+algorithm and the test oracles. Tensor shapes: B episodes, P prompt tokens (left-padded), R response
+tokens (right-padded after the first EOS), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from edgerlhf.config import PPOParams
+from edgerlhf.errors import ArtifactError, ConfigError, EdgeRLHFError
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+SCORE_NORM_FILE = "score_norm.json"
+
+# score_fn(query, query_mask, response, response_mask) -> raw scores [B] (float). The query is the
+# left-padded prompt [B, P]; the response is [B, R] with response_mask 1 up to and including the first EOS.
+ScoreFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+# gold_fn(prompt_texts, response_texts) -> one gold score per episode (text-based, so any judge fits:
+# a rule scorer, or a judge model with its own tokenizer).
+GoldFn = Callable[[list[str], list[str]], Sequence[float]]
+
+
+# =========================================================================== 1. masked statistics
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of `x` over positions where `mask` is 1 (over all, or along `dim`)."""
+    mask = mask.to(torch.bool)
+    # `where`, not `x * mask`: a non-finite value at a padded position must not turn the mean into NaN.
+    total = torch.where(mask, x, torch.zeros_like(x))
+    if dim is None:
+        return total.sum() / mask.sum().clamp(min=1)
+    return total.sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of `x` over the masked positions (Bessel-corrected when `unbiased` and n > 1)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.to(torch.bool).sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, unbiased: bool = True) -> Tensor:
+    """(x - mean) / std over the masked positions; without `shift_mean` the mean is added back
+    (only the scale changes, used for rewards). Padded positions come out as 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.to(torch.bool), whitened, torch.zeros_like(whitened))
+
+
+# =========================================================================== 2. the RL pieces
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman's k1 / k3)."""
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        # unbiased, low bias per token but can be negative on a single sample
+        return log_ratio
+    if estimator == "k3":
+        # r = pi_ref / pi; (r - 1) - log r is unbiased (E_pi[r] = 1) and never negative
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ConfigError(f"ppo.kl_estimator must be 'k1' or 'k3' (got {estimator!r})")
+
+
+def per_token_rewards(score: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """r_t = -beta * k_t * m_t, plus the sequence score at the LAST VALID response token (TRL put it one
+    position late, on the first pad: issues #1893/#3750)."""
+    rewards = -beta * kl * mask
+    rows = torch.arange(len(score), device=score.device)
+    return rewards.index_put((rows, last_valid_index(mask)), score.to(rewards.dtype), accumulate=True)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the response tokens; returns (advantages, returns).
+
+    delta_t = r_t + gamma V_{t+1} - V_t with V = 0 past the last valid token, A_t = delta_t + gamma lam A_{t+1},
+    returns G = A + V. Padded positions get A = G = 0, so a padded row equals the unpadded row.
+    """
+    mask = mask.to(rewards.dtype)
+    rewards, values = rewards * mask, values * mask  # nothing is earned or worth anything after the episode
+    advantages_reversed, next_advantage = [], torch.zeros_like(rewards[:, 0])
+    length = rewards.shape[1]
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages_reversed.append(next_advantage)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1) * mask
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def clipped_policy_loss(logp_new: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor,
+                        cliprange: float) -> tuple[Tensor, Tensor, Tensor]:
+    """PPO clipped surrogate: masked_mean(max(-A rho, -A clip(rho, 1-eps, 1+eps)));
+    returns (loss, clip fraction, approx KL = masked_mean((rho - 1) - log rho))."""
+    # Zero the log-ratio on padded tokens BEFORE exp: a huge ratio there would give inf * 0 = NaN gradients.
+    log_ratio = torch.where(mask.to(torch.bool), logp_new - logp_old, torch.zeros_like(logp_new))
+    ratio = torch.exp(log_ratio)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+        approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
+    return loss, clipfrac, approx_kl
+
+
+def clipped_value_loss(v_new: Tensor, v_old: Tensor, returns: Tensor, mask: Tensor,
+                       cliprange_value: float) -> tuple[Tensor, Tensor]:
+    """0.5 * masked_mean(max((V - G)^2, (V_clipped - G)^2)) with V_clipped = V_old + clip(V - V_old, +-eps_v);
+    returns (loss, value clip fraction)."""
+    v_clipped = v_old + torch.clamp(v_new - v_old, -cliprange_value, cliprange_value)
+    loss_unclipped = (v_new - returns) ** 2
+    loss_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    with torch.no_grad():
+        vf_clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
+    return loss, vf_clipfrac
+
+
+def explained_variance(returns: Tensor, values: Tensor, mask: Tensor | None = None) -> float:
+    """1 - Var(G - V) / Var(G) over the masked positions: 1 = perfect critic, 0 = no better than a constant."""
+    if mask is None:
+        mask = torch.ones_like(returns)
+    var_returns = masked_var(returns, mask, unbiased=False)
+    if var_returns.item() == 0.0:
+        return float("nan")
+    return float(1.0 - masked_var(returns - values, mask, unbiased=False) / var_returns)
+
+
+class FixedKLController:
+    """A constant KL coefficient beta."""
+
+    def __init__(self, beta: float) -> None:
+        self.value = beta
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """No-op: beta stays fixed."""
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, +-0.2) * n / horizon)."""
+
+    def __init__(self, init_beta: float, target: float, horizon: int) -> None:
+        self.value, self.target, self.horizon = init_beta, target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Move beta towards the coefficient that keeps the KL at `target`; `n_steps` episodes were seen."""
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+
+def make_kl_controller(params: PPOParams) -> FixedKLController | AdaptiveKLController:
+    """The KL controller that params.kl_control names, starting at init_kl_coef."""
+    if params.kl_control == "fixed":
+        return FixedKLController(params.init_kl_coef)
+    return AdaptiveKLController(params.init_kl_coef, params.target_kl, params.kl_horizon)
+
+
+# =========================================================================== 3. sequences
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[Tensor, Tensor]:
+    """Left-pad token-id lists into (ids [B, P], attention mask [B, P]); generation appends on the right."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if len(seq) == 0:
+            raise ConfigError("PPO got an empty prompt: every prompt needs at least one token")
+        ids[i, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+        mask[i, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only (cumsum - 1, clamped at 0), so a left-padded row sees the same
+    positions as the unpadded row. Without it GPT-2 log-probs shift by up to 0.59 nats (ppo-notes)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_valid_index(mask: Tensor) -> Tensor:
+    """Index of the last 1 in each row of `mask` (0 for an all-zero row)."""
+    positions = torch.arange(mask.shape[-1], device=mask.device)
+    return (positions * mask.to(torch.bool)).argmax(-1)
+
+
+def truncate_after_eos(response: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Cut each response after its first EOS; returns (response with pads after it, mask, has_eos).
+
+    The mask is 1 up to and INCLUDING the first EOS. It comes from positions, never from `ids != pad`:
+    in the GPT-2 family pad == eos and that test would drop the real EOS.
+    """
+    is_eos = response == eos_token_id
+    has_eos = is_eos.any(-1)
+    no_eos_last = torch.full_like(has_eos, response.shape[-1] - 1, dtype=torch.long)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(-1), no_eos_last)
+    positions = torch.arange(response.shape[-1], device=response.device)
+    mask = (positions[None, :] <= first_eos[:, None]).long()
+    return torch.where(mask.bool(), response, torch.full_like(response, pad_token_id)), mask, has_eos
+
+
+def repack_right_padded(query: Tensor, query_mask: Tensor, response: Tensor, response_mask: Tensor,
+                        pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """[left pads][prompt][response][pads] -> [prompt][response][pads]: the right-padded layout the reward
+    model was trained on (default position ids then start at the first real token)."""
+    ids = torch.cat([query, response], dim=1)
+    mask = torch.cat([query_mask, response_mask], dim=1).to(torch.bool)
+    # a stable sort on "is padding" moves the valid tokens to the front, keeping their order
+    order = torch.sort((~mask).int(), dim=1, stable=True).indices
+    packed_ids = torch.gather(ids, 1, order)
+    packed_mask = torch.gather(mask, 1, order)
+    width = int(packed_mask.sum(1).max())
+    packed_ids = torch.where(packed_mask, packed_ids, torch.full_like(packed_ids, pad_token_id))
+    return packed_ids[:, :width], packed_mask[:, :width].long()
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                        chunk_size: int | None = None) -> Tensor:
+    """Scores [B] (fp32) of a sequence-classification RM whose `.logits` are [B, 1] or [B]. The RM is
+    never moved (bitsandbytes models refuse .to()); inputs go to its device."""
+    device = getattr(reward_model, "device", input_ids.device)
+    chunk_size = chunk_size or len(input_ids)
+    scores = []
+    for start in range(0, len(input_ids), chunk_size):
+        ids = input_ids[start:start + chunk_size].to(device)
+        logits = reward_model(input_ids=ids, attention_mask=attention_mask[start:start + chunk_size].to(device)).logits
+        if logits.dim() == 2 and logits.shape[1] == 1:
+            logits = logits[:, 0]
+        if logits.dim() != 1:
+            raise ArtifactError(f"the reward model must return one logit per sequence (got logits of shape "
+                                f"{tuple(logits.shape)}): retrain it with num_labels=1 (stage reward)")
+        scores.append(logits.float())
+    return torch.cat(scores).to(input_ids.device)
+
+
+def reward_model_score_fn(reward_model: nn.Module, pad_token_id: int, chunk_size: int | None = None) -> ScoreFn:
+    """A ScoreFn that re-packs [prompt][response] right-padded and returns the RM score at its last valid token."""
+
+    def score(query: Tensor, query_mask: Tensor, response: Tensor, response_mask: Tensor) -> Tensor:
+        ids, mask = repack_right_padded(query, query_mask, response, response_mask, pad_token_id)
+        return reward_model_scores(reward_model, ids, mask, chunk_size)
+
+    return score
+
+
+# =========================================================================== 4. the policy-with-value model
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Turn every dropout off: PPO's ratio rho must be exactly 1 before the first step, and train-mode forwards
+    (needed for gradient checkpointing) must equal the eval-mode rollout forward."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout_p"):  # attention modules that keep the rate as a float
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        for name, value in list(vars(config).items()):
+            if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+                setattr(config, name, 0.0)
+
+
+class PolicyWithValue(nn.Module):
+    """One causal LM with a LoRA adapter = the policy; the same LM with the adapter disabled = the reference;
+    a zero-initialised fp32 linear head on the policy's last hidden state = the value.
+
+    Why a shared backbone (design (a) of ppo-notes) on an 8 GB GPU: one set of base weights in memory, no
+    second model (TRL kept a whole value model) and no second adapter; one forward gives logits and values, so
+    rollouts and updates cost one pass instead of two. The price: value-loss gradients also move the policy
+    LoRA. vf_coef (0.1) keeps that small, and the zero-initialised head sends no value gradient into the
+    backbone at the start (dL/dh = w = 0), so the first updates are driven by the policy loss alone.
+    """
+
+    def __init__(self, model: nn.Module, value_head: nn.Linear) -> None:
+        super().__init__()
+        self.model = model  # a peft PeftModel
+        self.value_head = value_head
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._has_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.weight.device
+
+    def reference(self) -> Any:
+        """Context manager under which forward/generate run the reference (= SFT) model: adapter disabled."""
+        return self.model.disable_adapter()
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, n_last: int = 0) -> tuple[Tensor, Tensor]:
+        """(logits fp32 [B, n, V], values fp32 [B, n]) at the last `n_last` positions (0: all); position ids come
+        from the attention mask."""
+        kwargs = {"logits_to_keep": n_last} if self._has_logits_to_keep else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids_from_mask(attention_mask), output_hidden_states=True,
+                         use_cache=False, **kwargs)
+        hidden, logits = out.hidden_states[-1], out.logits
+        if n_last:
+            hidden, logits = hidden[:, -n_last:], logits[:, -n_last:]
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return logits.float(), values
+
+
+def _lora_config(base_model: nn.Module, r: int, alpha: int, target_modules: Sequence[str] | None) -> Any:
+    from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
+
+    targets = list(target_modules) if target_modules else None
+    # GPT-2 stores its projections as Conv1D (weight transposed); tell peft instead of letting it warn.
+    fan_in_fan_out = any(isinstance(m, Conv1D) and (targets is None or n.split(".")[-1] in targets)
+                         for n, m in base_model.named_modules())
+    return LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
+                      fan_in_fan_out=fan_in_fan_out, bias="none")
+
+
+def _hidden_size(base_model: nn.Module) -> int:
+    config = base_model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(config.hidden_size)
+
+
+def build_policy(base_model: nn.Module, params: PPOParams, target_modules: Sequence[str] | None = None
+                 ) -> PolicyWithValue:
+    """Wrap a causal LM (the SFT adapter already merged into it) as policy + reference + value: a fresh LoRA
+    (r=lora_r, alpha=lora_alpha, dropout 0) and a zero fp32 value head; dropout off; checkpointing per params."""
+    from peft import get_peft_model
+
+    disable_dropout(base_model)
+    if params.gradient_checkpointing:
+        # non-reentrant: gradients reach the LoRA weights even though the (frozen) inputs need no grad. It is only
+        # active in train mode, so eval-mode rollouts run the plain forward.
+        enable = getattr(base_model, "activation_checkpointing_enable", None)  # the transformers >= 5.2x name
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # LoRA B starts at zero, so with or without the adapter the logits are identical: reference == policy at init.
+    # peft keeps the adapter in fp32 on a bf16/fp16 base (autocast_adapter_dtype), as are head and logits.
+    peft_model = get_peft_model(base_model, _lora_config(base_model, params.lora_r, params.lora_alpha,
+                                                         target_modules))
+    device = next(base_model.parameters()).device
+    value_head = nn.Linear(_hidden_size(base_model), 1, device=device, dtype=torch.float32)
+    nn.init.zeros_(value_head.weight)
+    nn.init.zeros_(value_head.bias)
+    return PolicyWithValue(peft_model, value_head)
+
+
+def save_policy(policy: PolicyWithValue, out_dir: str | Path, score_stats: tuple[float, float] | None = None
+                ) -> None:
+    """Write the policy LoRA (peft, safetensors), `value_head.safetensors` and, if given, the score mean/std
+    used for normalisation (`score_norm.json`) so evaluation can reuse them."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    policy.model.save_pretrained(str(out_dir), safe_serialization=True)
+    head = {name: t.detach().float().cpu().contiguous() for name, t in policy.value_head.state_dict().items()}
+    save_file(head, str(out_dir / VALUE_HEAD_FILE))
+    if score_stats is not None:
+        (out_dir / SCORE_NORM_FILE).write_text(json.dumps({"mean": score_stats[0], "std": score_stats[1]}))
+
+
+def load_policy(base_model: nn.Module, path: str | Path, *, trainable: bool = False) -> PolicyWithValue:
+    """Rebuild a saved PolicyWithValue on `base_model` (adapter + value head; safetensors only, no pickle)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "adapter_config.json").exists() or not (path / VALUE_HEAD_FILE).exists():
+        raise ArtifactError(f"{path} holds no saved PPO policy (adapter_config.json + {VALUE_HEAD_FILE}): "
+                            "run the ppo stage first")
+    disable_dropout(base_model)
+    peft_model = PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
+    state = load_file(str(path / VALUE_HEAD_FILE))
+    device = next(base_model.parameters()).device
+    value_head = nn.Linear(state["weight"].shape[1], 1, device=device, dtype=torch.float32)
+    value_head.load_state_dict(state)
+    value_head.requires_grad_(trainable)
+    return PolicyWithValue(peft_model, value_head)
+
+
+def load_score_stats(path: str | Path) -> tuple[float, float]:
+    """The (mean, std) that `save_policy` stored next to a policy."""
+    data = json.loads((Path(path) / SCORE_NORM_FILE).read_text())
+    return float(data["mean"]), float(data["std"])
+
+
+# =========================================================================== 5. rollouts
+
+
+@dataclass
+class Rollout:
+    """A batch of episodes: left-padded prompts and responses cut after their first EOS."""
+
+    query: Tensor  # [B, P] left-padded prompt ids
+    query_mask: Tensor  # [B, P]
+    response: Tensor  # [B, R] pad after the first EOS
+    response_mask: Tensor  # [B, R] 1 up to and including the first EOS
+    has_eos: Tensor  # [B] bool
+
+    @property
+    def input_ids(self) -> Tensor:
+        return torch.cat([self.query, self.response], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+
+def configure_sampling(policy: PolicyWithValue, params: PPOParams, eos_token_id: int, pad_token_id: int) -> None:
+    """Put PPO's sampling settings on the model's own generation_config (a config passed to generate() is
+    merged with it, and e.g. eos_token_id=None there is silently ignored). A fresh config drops any hub
+    defaults (repetition penalty, top_k=50, ...): samples must come from softmax(logits / T), the distribution
+    whose log-probs PPO computes (top_k > 0 or top_p < 1 truncate it; PPO then treats them as off-policy noise,
+    as TRL did)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=params.temperature, top_k=params.top_k,
+                              top_p=params.top_p, max_new_tokens=params.response_length, min_new_tokens=0,
+                              num_beams=1, eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True)
+    policy.model.get_base_model().generation_config = config
+
+
+@torch.no_grad()
+def generate_responses(policy: PolicyWithValue, query: Tensor, query_mask: Tensor, eos_token_id: int,
+                       pad_token_id: int, *, reference: bool = False) -> Rollout:
+    """Sample one response per left-padded prompt (eval mode, no grad; `reference` samples the SFT policy)."""
+    policy.eval()
+    with policy.reference() if reference else contextlib.nullcontext():
+        out = policy.model.generate(input_ids=query, attention_mask=query_mask)
+    response, response_mask, has_eos = truncate_after_eos(out[:, query.shape[1]:], eos_token_id, pad_token_id)
+    return Rollout(query, query_mask, response, response_mask, has_eos)
+
+
+def response_logprobs(logits: Tensor, response: Tensor) -> Tensor:
+    """log softmax(logits)[token] without materialising the full log-softmax (B*R*V is the memory hog)."""
+    return torch.gather(logits, -1, response.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Per-position entropy of softmax(logits): logsumexp(l) - sum p l."""
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def forward_response(policy: PolicyWithValue, input_ids: Tensor, attention_mask: Tensor, response: Tensor,
+                     temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward over [prompt][response]: (logits / T [B, R, V], log-probs of the response [B, R],
+    values [B, R]). Position t's logits and value are read at the token BEFORE response token t."""
+    n = response.shape[1]
+    logits, values = policy(input_ids, attention_mask, n_last=n + 1)
+    logits = logits[:, :-1] / temperature
+    return logits, response_logprobs(logits, response), values[:, :-1]
+
+
+@torch.no_grad()
+def rollout_logprobs_values(policy: PolicyWithValue, rollout: Rollout, temperature: float, chunk_size: int,
+                            *, reference: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """(log-probs, values, entropy) [B, R] of the response by a no-grad forward in chunks of `chunk_size` rows
+    (not from generate()'s scores: those come from a different, KV-cached computation)."""
+    policy.eval()
+    logps, values, entropies = [], [], []
+    input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
+    with policy.reference() if reference else contextlib.nullcontext():
+        for start in range(0, len(input_ids), chunk_size):
+            rows = slice(start, start + chunk_size)
+            logits, logp, value = forward_response(policy, input_ids[rows], attention_mask[rows],
+                                                   rollout.response[rows], temperature)
+            logps.append(logp)
+            values.append(value)
+            entropies.append(entropy_from_logits(logits))
+            del logits
+    return torch.cat(logps), torch.cat(values), torch.cat(entropies)
+
+
+def sample_and_score(policy: PolicyWithValue, prompts: Sequence[Sequence[int]], score_fn: ScoreFn,
+                     eos_token_id: int, pad_token_id: int, batch_size: int, device: torch.device | str, *,
+                     reference: bool = False) -> tuple[list[Rollout], Tensor]:
+    """Sample one response per prompt in batches; returns the rollouts and the raw scores [N]."""
+    rollouts, scores = [], []
+    for start in range(0, len(prompts), batch_size):
+        query, query_mask = left_pad(prompts[start:start + batch_size], pad_token_id, device)
+        rollout = generate_responses(policy, query, query_mask, eos_token_id, pad_token_id, reference=reference)
+        rollouts.append(rollout)
+        scores.append(score_fn(rollout.query, rollout.query_mask, rollout.response, rollout.response_mask).float())
+    return rollouts, torch.cat(scores)
+
+
+def measure_score_stats(policy: PolicyWithValue, prompts: Sequence[Sequence[int]], score_fn: ScoreFn,
+                        params: PPOParams, eos_token_id: int, pad_token_id: int, device: torch.device | str,
+                        generator: torch.Generator) -> tuple[float, float]:
+    """Mean and std of the raw score over `score_norm_samples` samples of the SFT policy (adapter off).
+    Normalising by them puts RMs of different precision (and scale) on one footing."""
+    order = torch.randperm(len(prompts), generator=generator).tolist()
+    chosen = [prompts[order[i % len(order)]] for i in range(params.score_norm_samples)]
+    _, scores = sample_and_score(policy, chosen, score_fn, eos_token_id, pad_token_id, params.batch_size, device,
+                                 reference=True)
+    std = scores.std().item()
+    # a constant score (std 0) would blow the normalised score up; keep its scale instead
+    return scores.mean().item(), std if std > 1e-8 else 1.0
+
+
+# =========================================================================== 6. training
+
+
+@dataclass
+class PPOResult:
+    """What a PPO run produced: per-update stats, the score normalisation used, throughput."""
+
+    history: list[dict[str, float]]
+    score_mean: float
+    score_std: float
+    episodes: int
+    updates: int
+    wall_time_s: float
+    episodes_per_s: float
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy (if present) and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _prompt_stream(n_prompts: int, generator: torch.Generator) -> Iterator[int]:
+    """Prompt indices cycling over a fresh seeded shuffle each pass."""
+    while True:
+        yield from torch.randperm(n_prompts, generator=generator).tolist()
+
+
+def _decode(tokenizer: Any, ids: Tensor, mask: Tensor) -> list[str]:
+    rows = zip(ids, mask, strict=True)
+    return [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True) for row, m in rows]
+
+
+def _evaluate(policy: PolicyWithValue, tokenizer: Any, eval_prompts: Sequence[Sequence[int]], score_fn: ScoreFn,
+              gold_fn: GoldFn, params: PPOParams, device: torch.device, seed: int) -> dict[str, float]:
+    """Gold and proxy score of the current policy on a fixed prompt set, sampled with a fixed seed in a forked
+    RNG so that evaluating never changes the training trajectory."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        rollouts, proxy = sample_and_score(policy, eval_prompts, score_fn, tokenizer.eos_token_id,
+                                           _pad_id(tokenizer), params.batch_size, device)
+    prompt_texts, response_texts = [], []
+    for r in rollouts:
+        prompt_texts += _decode(tokenizer, r.query, r.query_mask)
+        response_texts += _decode(tokenizer, r.response, r.response_mask)
+    gold = torch.tensor([float(g) for g in gold_fn(prompt_texts, response_texts)])
+    return {"gold": gold.mean().item(), "proxy": proxy.mean().item()}
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _check_params(params: PPOParams, n_prompts: int) -> None:
+    step = params.mini_batch_size * params.gradient_accumulation_steps
+    if params.batch_size % step:
+        raise ConfigError(f"ppo.batch_size ({params.batch_size}) must be a multiple of ppo.mini_batch_size * "
+                          f"ppo.gradient_accumulation_steps ({step})")
+    if params.total_episodes < params.batch_size:
+        raise ConfigError(f"ppo.total_episodes ({params.total_episodes}) must be >= ppo.batch_size "
+                          f"({params.batch_size})")
+    if n_prompts == 0:
+        raise ConfigError("PPO got no prompts: check the ppo_prompts split")
+
+
+def _check_length(policy: PolicyWithValue, prompts: Sequence[Sequence[int]], params: PPOParams) -> None:
+    config = policy.model.get_base_model().config
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts)
+    if limit and longest + params.response_length > limit:
+        raise ConfigError(f"ppo.response_length ({params.response_length}) + the longest prompt ({longest} tokens) "
+                          f"exceeds the model's {limit} positions: shorten prompts or lower ppo.response_length")
+
+
+def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequence[int]], score_fn: ScoreFn,
+              params: PPOParams, *, device: torch.device | str, seed: int,
+              on_log: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True,
+              gold_fn: GoldFn | None = None, eval_prompts: Sequence[Sequence[int]] | None = None,
+              score_stats: tuple[float, float] | None = None) -> PPOResult:
+    """Run PPO on `policy` for total_episodes // batch_size updates; returns the per-update stats.
+
+    prompts / eval_prompts: token-id lists (already formatted and tokenized). score_fn: raw scores of a batch
+    (see ScoreFn; `reward_model_score_fn` wraps an RM). tokenizer: pad/eos ids, and decoding for gold_fn.
+    score_stats: a known (mean, std) of the raw score; by default measured on SFT samples when normalize_score
+    (else (0, 1)). The score PPO maximises is (raw - mean) / std - missing_eos_penalty * [no EOS].
+    gold_fn + eval_prompts: every eval_every updates (and before the first and after the last) the first
+    params.eval_prompts prompts are sampled with a fixed seed and scored by gold_fn ("gold") and score_fn
+    ("proxy", raw); results go into that update's stats and into PPOResult.evals (update 0 = SFT policy).
+    on_log(update, stats) is called every log_every updates.
+    """
+    from tqdm.auto import tqdm
+
+    _check_params(params, len(prompts))
+    _check_length(policy, prompts, params)
+    device = torch.device(device)
+    eos_id, pad_id = tokenizer.eos_token_id, _pad_id(tokenizer)
+    seed_everything(seed)
+    prompt_rng = torch.Generator().manual_seed(seed)  # prompt order and minibatch shuffles
+    configure_sampling(policy, params, eos_id, pad_id)
+    start_time = time.perf_counter()
+
+    # Score normalisation: measured once, on the SFT policy, before any update.
+    if score_stats is None:
+        score_stats = ((0.0, 1.0) if not params.normalize_score else
+                       measure_score_stats(policy, prompts, score_fn, params, eos_id, pad_id, device, prompt_rng))
+    score_mean, score_std = score_stats
+
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    # weight_decay 0 as in TRL's PPO: decaying LoRA weights would pull the policy towards SFT behind beta's back
+    optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, eps=params.adam_eps, weight_decay=0.0)
+    kl_ctl = make_kl_controller(params)
+    num_updates = params.total_episodes // params.batch_size
+    minibatch_episodes = params.mini_batch_size * params.gradient_accumulation_steps
+    prompt_order = _prompt_stream(len(prompts), prompt_rng)
+    eval_set = list(eval_prompts[:params.eval_prompts]) if (gold_fn and eval_prompts) else []
+    evals: list[dict[str, float]] = []
+    if eval_set and params.eval_every:
+        evals.append({"update": 0.0, **_evaluate(policy, tokenizer, eval_set, score_fn, gold_fn, params, device,
+                                                 seed + 1)})
+    history: list[dict[str, float]] = []
+    bar = tqdm(range(1, num_updates + 1), desc="ppo", unit="update", disable=not progress)
+
+    for update in bar:
+        # -- learning rate: constant, or linear decay to 0 over the run
+        lr = params.learning_rate
+        if params.lr_schedule == "linear":
+            lr *= 1.0 - (update - 1) / num_updates
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # -- 1. rollout: sample, then score and evaluate log-probs/values by separate no-grad forwards
+        batch_prompts = [prompts[next(prompt_order)] for _ in range(params.batch_size)]
+        query, query_mask = left_pad(batch_prompts, pad_id, device)
+        ro = generate_responses(policy, query, query_mask, eos_id, pad_id)
+        mask = ro.response_mask.float()
+        logp_old, values_old, entropy = rollout_logprobs_values(policy, ro, params.temperature,
+                                                                params.logprob_chunk_size)
+        ref_logp, _, _ = rollout_logprobs_values(policy, ro, params.temperature, params.logprob_chunk_size,
+                                                 reference=True)
+        with torch.no_grad():
+            raw_score = score_fn(ro.query, ro.query_mask, ro.response, ro.response_mask).float().to(device)
+            # normalised score; a response cut off before EOS is penalised (in normalised units)
+            score = (raw_score - score_mean) / score_std - params.missing_eos_penalty * (~ro.has_eos).float()
+
+            # -- 2. per-token rewards, advantages, returns
+            beta = kl_ctl.value
+            kl = kl_penalty(logp_old, ref_logp, params.kl_estimator) * mask
+            rewards = per_token_rewards(score, kl, mask, beta)
+            if params.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            values_old = values_old * mask
+            advantages, returns = gae(rewards, values_old, mask, params.gamma, params.lam)
+            advantages = masked_whiten(advantages, mask)
+
+        # -- 3. PPO epochs over shuffled minibatches, micro-batches with gradient accumulation
+        policy.train()  # dropout is off; train mode only switches gradient checkpointing on
+        input_ids, attention_mask = ro.input_ids, ro.attention_mask
+        sums: dict[str, float] = {"policy_loss": 0.0, "value_loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0,
+                                  "vf_clipfrac": 0.0, "grad_norm": 0.0}
+        n_micro, n_steps, ratio_dev_first = 0, 0, 0.0
+        for _epoch in range(params.ppo_epochs):
+            perm = torch.randperm(params.batch_size, generator=prompt_rng).to(device)
+            for mb_start in range(0, params.batch_size, minibatch_episodes):
+                optimizer.zero_grad(set_to_none=True)
+                for micro_start in range(mb_start, mb_start + minibatch_episodes, params.mini_batch_size):
+                    idx = perm[micro_start:micro_start + params.mini_batch_size]
+                    m = mask[idx]
+                    logits, logp_new, values_new = forward_response(policy, input_ids[idx], attention_mask[idx],
+                                                                    ro.response[idx], params.temperature)
+                    pg_loss, clipfrac, approx_kl = clipped_policy_loss(logp_new, logp_old[idx], advantages[idx], m,
+                                                                       params.cliprange)
+                    vf_loss, vf_clipfrac = clipped_value_loss(values_new, values_old[idx], returns[idx], m,
+                                                              params.cliprange_value)
+                    loss = pg_loss + params.vf_coef * vf_loss
+                    if params.ent_coef > 0:
+                        loss = loss - params.ent_coef * masked_mean(entropy_from_logits(logits), m)
+                    del logits
+                    if not torch.isfinite(loss):
+                        raise EdgeRLHFError(f"PPO diverged: non-finite loss at update {update}; lower "
+                                            "ppo.learning_rate or ppo.max_grad_norm")
+                    (loss / params.gradient_accumulation_steps).backward()
+                    if n_steps == 0:  # before the first optimizer step the policy IS the sampling policy
+                        with torch.no_grad():
+                            log_ratio = (logp_new - logp_old[idx]).abs() * m
+                            ratio_dev_first = max(ratio_dev_first, log_ratio.max().item())
+                    for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("approx_kl", approx_kl),
+                                       ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac)):
+                        sums[key] += value.item()
+                    n_micro += 1
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+                sums["grad_norm"] += float(grad_norm)
+                optimizer.step()
+                n_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+
+        # -- 4. stats, KL control
+        with torch.no_grad():
+            kl_sum = kl.sum(1)  # KL of each episode: sum over its tokens
+            stats = {
+                "update": float(update),
+                "episodes": float(update * params.batch_size),
+                "score": raw_score.mean().item(),
+                "score_norm": score.mean().item(),
+                "kl": kl_sum.mean().item(),
+                "rlhf_reward": (score - beta * kl_sum).mean().item(),
+                "entropy": masked_mean(entropy, mask).item(),
+                **{k: v / (n_steps if k == "grad_norm" else n_micro) for k, v in sums.items()},
+                "explained_variance": explained_variance(returns, values_old, mask),
+                # max |log rho| before the first optimizer step: 0 unless the training forward differs from the
+                # rollout forward (dropout, position ids, precision) -- PPO's clipping would then be biased
+                "ratio_dev_first": ratio_dev_first,
+                "beta": beta,
+                "lr": lr,
+                "response_tokens": mask.sum(1).mean().item(),
+                "no_eos_fraction": (~ro.has_eos).float().mean().item(),
+            }
+        kl_ctl.update(stats["kl"], params.batch_size)
+        if eval_set and params.eval_every and (update % params.eval_every == 0 or update == num_updates):
+            result = _evaluate(policy, tokenizer, eval_set, score_fn, gold_fn, params, device, seed + 1)
+            evals.append({"update": float(update), **result})
+            stats.update(result)
+        history.append(stats)
+        bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
+        if on_log is not None and update % params.log_every == 0:
+            on_log(update, stats)
+        if not all(math.isfinite(v) for k, v in stats.items() if k != "explained_variance"):
+            raise EdgeRLHFError(f"PPO diverged at update {update} (non-finite stats); lower ppo.learning_rate")
+
+    policy.eval()
+    wall = time.perf_counter() - start_time
+    episodes = num_updates * params.batch_size
+    return PPOResult(history=history, score_mean=score_mean, score_std=score_std, episodes=episodes,
+                     updates=num_updates, wall_time_s=wall, episodes_per_s=episodes / wall if wall > 0 else 0.0,
+                     evals=evals)

@@ -1,0 +1,145 @@
+"""What every stage shares: logging, seeding, one-line failures, all-or-nothing outputs, timing and VRAM."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from edgerlhf.errors import EdgeRLHFError
+
+log = logging.getLogger("edgerlhf")
+
+
+def setup_logging(stage: str) -> None:
+    """Log lines say which stage they come from; quiet the libraries' chatter."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{stage}] %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr, force=True)
+    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        import transformers
+        import datasets
+
+        transformers.utils.logging.set_verbosity_error()
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover - both are hard dependencies
+        pass
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy, torch (and CUDA) and make CPU kernels deterministic."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    try:
+        from transformers import set_seed
+
+        set_seed(seed)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def run_stage(stage: str, main: Callable[[], None]) -> None:
+    """Run a stage's main: any EdgeRLHFError becomes one line on stderr and its exit code (traceback only with
+    EDGERLHF_DEBUG=1); other exceptions still fail loudly with their traceback."""
+    setup_logging(stage)
+    try:
+        main()
+    except EdgeRLHFError as exc:
+        if os.environ.get("EDGERLHF_DEBUG") == "1":
+            traceback.print_exc()
+        print(f"error [{stage}]: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; it replaces `final` only when the block succeeds.
+
+    A failed stage therefore never leaves a folder that looks complete."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (temp file + rename), sorted keys, so diffs stay stable."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def remove_outputs(*paths: str | Path) -> None:
+    """Remove stale outputs before a stage starts, so a failure cannot leave the previous run's files behind."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+class Timer:
+    """Wall-clock and peak-VRAM bookkeeping for a stage's metrics."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.start = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def metrics(self) -> dict[str, float]:
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        return {"wall_time_s": round(time.perf_counter() - self.start, 3), "peak_vram_gb": round(peak, 4)}
+
+
+def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """Per-step curves for `dvc plots` (header from the first row), written atomically."""
+    import csv
+    import io
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    fields = list(rows[0]) if rows else ["step"]
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)

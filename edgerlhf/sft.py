@@ -1,0 +1,95 @@
+"""Supervised fine-tuning: LoRA on prompt -> chosen with TRL's SFTTrainer, loss on the completion only."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from edgerlhf import modeling
+from edgerlhf.config import Params
+from edgerlhf.modeling import Device
+
+log = logging.getLogger("edgerlhf")
+
+
+def to_prompt_completion(records: list[dict]) -> list[dict]:
+    """SFT examples: the dialogue up to the Assistant marker is the prompt, the chosen response the completion."""
+    return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in records]
+
+
+def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_records: list[dict],
+              out_dir: Path, work_dir: Path, device: Device) -> tuple[dict, list[dict]]:
+    """Train the SFT LoRA; write `adapter/` and `merged/` (SFT weights merged into the base) into `out_dir`.
+
+    Returns (metrics, per-step log). `base_eval_loss` is measured before training (LoRA B = 0, so the
+    model is exactly the base), which makes "SFT beats the base" checkable from the metrics file."""
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel, TaskType
+    from trl import SFTConfig, SFTTrainer
+
+    sp = params.sft
+    tokenizer = modeling.load_tokenizer(base_dir, params.model.trust_remote_code)
+    model = modeling.load_causal_lm(base_dir, device, trust_remote_code=params.model.trust_remote_code)
+    targets = modeling.lora_targets(model, params.lora.target_modules)
+    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=params.lora.r, lora_alpha=params.lora.alpha,
+                      lora_dropout=params.lora.dropout, target_modules=targets)
+    args = SFTConfig(
+        output_dir=str(work_dir), seed=params.seed, data_seed=params.seed,
+        learning_rate=sp.learning_rate, per_device_train_batch_size=sp.per_device_train_batch_size,
+        per_device_eval_batch_size=max(sp.per_device_train_batch_size, 8),
+        gradient_accumulation_steps=sp.gradient_accumulation_steps, num_train_epochs=sp.num_train_epochs,
+        max_steps=sp.max_steps, max_length=sp.max_length, warmup_steps=sp.warmup_ratio,
+        lr_scheduler_type=sp.lr_scheduler_type, weight_decay=sp.weight_decay,
+        gradient_checkpointing=sp.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if sp.gradient_checkpointing else None,
+        logging_steps=sp.logging_steps, save_strategy="no", eval_strategy="no", report_to=[],
+        completion_only_loss=True, packing=False, dataloader_num_workers=0, dataset_num_proc=None,
+        **modeling.trainer_precision_kwargs(device))
+    trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora,
+                         train_dataset=Dataset.from_list(to_prompt_completion(train_records)),
+                         eval_dataset=Dataset.from_list(to_prompt_completion(eval_records)))
+    trainable, total = modeling.count_params(trainer.model)
+    log.info("SFT: %d train / %d eval examples, LoRA r=%d on %s, %d of %d params trainable",
+             len(train_records), len(eval_records), params.lora.r, ",".join(targets), trainable, total)
+
+    base_eval = trainer.evaluate()["eval_loss"]
+    result = trainer.train()
+    eval_loss = trainer.evaluate()["eval_loss"]
+    log.info("SFT: eval loss %.4f (base %.4f), train loss %.4f", eval_loss, base_eval, result.training_loss)
+
+    adapter_dir = out_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+    tokenizer.save_pretrained(adapter_dir)
+    merge_adapter(base_dir, adapter_dir, out_dir / "merged", params.model.trust_remote_code)
+
+    steps = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate", 0.0)}
+             for e in trainer.state.log_history if "loss" in e]
+    metrics = {
+        "train_loss": round(float(result.training_loss), 6),
+        "eval_loss": round(float(eval_loss), 6),
+        "eval_perplexity": round(math.exp(eval_loss), 6),
+        "base_eval_loss": round(float(base_eval), 6),
+        "trainable_params": trainable,
+        "total_params": total,
+        "train_examples": len(train_records),
+        "optimizer_steps": int(trainer.state.global_step),
+    }
+    return metrics, steps
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, trust_remote_code: bool = False) -> None:
+    """Merge a LoRA adapter into the base in fp32 on CPU (exact, precision-independent) and save safetensors.
+
+    Every later stage starts from this merged SFT model: the reward models (as the seed did), the PPO policy
+    (whose reference is this model, adapter off), and the SFT baseline of the evaluation."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, use_safetensors=True,
+                                                trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    modeling.load_tokenizer(base_dir, trust_remote_code).save_pretrained(out_dir)

@@ -1,0 +1,33 @@
+"""Stage `base`: materialise the base model + tokenizer into models/base (hub snapshot or tiny offline build)."""
+
+from edgerlhf import data, modeling, paths
+from edgerlhf.config import load_params
+from edgerlhf.runtime import atomic_dir, log, remove_outputs, run_stage, seed_everything
+
+
+def main() -> None:
+    params = load_params()
+    seed_everything(params.seed)
+    remove_outputs(paths.BASE)
+    with atomic_dir(paths.BASE) as out:
+        if params.model.source == "hub":
+            log.info("snapshot of %s@%s from the hub", params.model.name, params.model.revision)
+            modeling.snapshot_hub_model(params.model, out)
+        else:
+            tiny = params.model.tiny
+            # Training text only (see data.pretraining_corpus): no evaluation text shapes the vocabulary or weights.
+            texts = data.read_corpus(paths.CORPUS)
+            tokenizer = modeling.train_tokenizer(texts, tiny.vocab_size, out)
+            model = modeling.build_tiny_model(tiny, tokenizer, params.seed)
+            trainable, total = modeling.count_params(model)
+            log.info("tiny %s: %d layers x %d dims, vocab %d, %d params (tokenizer trained on %d texts)",
+                     tiny.arch, tiny.n_layer, tiny.n_embd, len(tokenizer), total, len(texts))
+            losses = modeling.pretrain_tiny(model, tokenizer, texts, tiny.pretrain_steps, tiny.pretrain_batch_size,
+                                            tiny.pretrain_lr, params.seed)
+            if losses:
+                log.info("pretrained %d steps: LM loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
+            model.save_pretrained(out, safe_serialization=True)
+
+
+if __name__ == "__main__":
+    run_stage("base", main)

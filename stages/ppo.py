@@ -1,0 +1,38 @@
+"""Stage `ppo@P`: PPO of the SFT policy against the reward model of precision P (our own PPO, edgerlhf.ppo)."""
+
+import argparse
+
+from edgerlhf import modeling, paths
+from edgerlhf.config import PRECISIONS, load_params
+from edgerlhf.errors import ConfigError
+from edgerlhf.policy import run_ppo
+from edgerlhf.runtime import Timer, atomic_dir, log, remove_outputs, run_stage, seed_everything, write_csv, write_json
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("precision")
+    precision = parser.parse_args().precision
+    params = load_params()
+    if precision not in PRECISIONS or precision not in params.reward.precisions:
+        raise ConfigError(f"precision {precision!r} is not in reward.precisions ({', '.join(params.reward.precisions)})")
+    seed_everything(params.seed)
+    device = modeling.resolve_device(params.hardware)
+    modeling.require_dir(paths.SFT_MERGED, "sft", "config.json")
+    modeling.require_dir(paths.reward_dir(precision), f"reward@{precision}", "adapter_config.json")
+    log.info("policy %s, reward model %s at %s, device %s", paths.SFT_MERGED, paths.reward_dir(precision),
+             precision, device.describe())
+    plots = paths.PLOTS / "ppo"
+    remove_outputs(paths.ppo_dir(precision), paths.ppo_metrics(precision), plots / f"{precision}.csv",
+                   plots / f"{precision}_eval.csv")
+    timer = Timer()
+    with atomic_dir(paths.ppo_dir(precision)) as out:
+        metrics, history, evals = run_ppo(params, precision, device, out)
+    write_csv(plots / f"{precision}.csv", history)
+    if evals:
+        write_csv(plots / f"{precision}_eval.csv", evals)
+    write_json(paths.ppo_metrics(precision), {**metrics, **timer.metrics()})
+
+
+if __name__ == "__main__":
+    run_stage("ppo", main)

@@ -1,0 +1,23 @@
+"""Stage `prepare`: build the disjoint splits as JSONL {prompt, chosen, rejected} and metrics/data.json."""
+
+from edgerlhf import data, paths
+from edgerlhf.config import load_params
+from edgerlhf.runtime import log, remove_outputs, run_stage, write_json
+
+
+def main() -> None:
+    params = load_params()
+    log.info("source %s, seed %d", params.data.source, params.seed)
+    remove_outputs(paths.DATA, paths.METRICS / "data.json")
+    splits, counts = data.build_splits(params.data, params.seed)
+    for name, records in splits.items():
+        data.write_jsonl(paths.split_file(name), records)
+        log.info("%-13s %6d records -> %s", name, len(records), paths.split_file(name))
+    corpus = data.pretraining_corpus(params.data.source, splits, params.data.knowledge_repeats)
+    data.write_jsonl(paths.CORPUS, [{"text": t} for t in corpus])
+    log.info("corpus        %6d texts   -> %s (tokenizer + pretraining of an offline base)", len(corpus), paths.CORPUS)
+    write_json(paths.METRICS / "data.json", {**counts, **data.split_stats(splits), "corpus_count": len(corpus)})
+
+
+if __name__ == "__main__":
+    run_stage("prepare", main)

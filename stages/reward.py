@@ -1,0 +1,36 @@
+"""Stage `reward@P`: reward model at precision P (bf16 / int8 / int4) trained from the merged SFT model."""
+
+import argparse
+
+from edgerlhf import data, modeling, paths
+from edgerlhf.config import PRECISIONS, load_params
+from edgerlhf.errors import ConfigError
+from edgerlhf.reward import train_reward
+from edgerlhf.runtime import Timer, atomic_dir, log, remove_outputs, run_stage, seed_everything, write_csv, write_json
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("precision")
+    precision = parser.parse_args().precision
+    params = load_params()
+    if precision not in PRECISIONS or precision not in params.reward.precisions:
+        raise ConfigError(f"precision {precision!r} is not in reward.precisions ({', '.join(params.reward.precisions)})")
+    seed_everything(params.seed)
+    device = modeling.resolve_device(params.hardware)
+    modeling.require_dir(paths.SFT_MERGED, "sft", "config.json")
+    log.info("model %s, precision %s, device %s", paths.SFT_MERGED, precision, device.describe())
+    remove_outputs(paths.reward_dir(precision), paths.reward_metrics(precision), paths.PLOTS / "reward" / f"{precision}.csv")
+    timer = Timer()
+    train = data.read_split(paths.split_file("rm_train"))
+    test = data.read_split(paths.split_file("rm_test"))
+    with atomic_dir(paths.reward_dir(precision)) as out:
+        metrics, steps, scores = train_reward(params, paths.SFT_MERGED, precision, train, test, out,
+                                              paths.WORK / f"reward-{precision}", device)
+        write_json(out / "rm_test_scores.json", scores)
+    write_csv(paths.PLOTS / "reward" / f"{precision}.csv", steps)
+    write_json(paths.reward_metrics(precision), {**metrics, **timer.metrics()})
+
+
+if __name__ == "__main__":
+    run_stage(f"reward", main)

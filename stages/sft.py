@@ -1,0 +1,26 @@
+"""Stage `sft`: LoRA SFT of the base on prompt -> chosen; writes models/sft/{adapter,merged} and metrics/sft.json."""
+
+from edgerlhf import data, modeling, paths
+from edgerlhf.config import load_params
+from edgerlhf.runtime import Timer, atomic_dir, log, remove_outputs, run_stage, seed_everything, write_csv, write_json
+from edgerlhf.sft import train_sft
+
+
+def main() -> None:
+    params = load_params()
+    seed_everything(params.seed)
+    device = modeling.resolve_device(params.hardware)
+    modeling.require_dir(paths.BASE, "base", "config.json")
+    log.info("model %s, device %s", paths.BASE, device.describe())
+    remove_outputs(paths.SFT, paths.METRICS / "sft.json", paths.PLOTS / "sft.csv")
+    timer = Timer()
+    train = data.read_split(paths.split_file("sft_train"))
+    evals = data.read_split(paths.split_file("sft_eval"))
+    with atomic_dir(paths.SFT) as out:
+        metrics, steps = train_sft(params, paths.BASE, train, evals, out, paths.WORK / "sft", device)
+    write_csv(paths.PLOTS / "sft.csv", steps)
+    write_json(paths.METRICS / "sft.json", {**metrics, **timer.metrics()})
+
+
+if __name__ == "__main__":
+    run_stage("sft", main)
