@@ -1,25 +1,36 @@
 # EdgeRLHF: `make smoke` and `make test` are the quick start; `make all` is the real run on an 8 GB GPU.
 SHELL := /bin/bash
-PYTHON ?= python3
-VENV := .venv
+PYTHON ?= python3.11          # the lock is compiled for 3.11
+VENV ?= .venv                 # the Docker image sets VENV=/opt/venv
 BIN := $(VENV)/bin
-# torch is pinned here and installed before the lock: on a CPU-only machine `pip install torch==X` takes the
-# CPU build; in the Docker image the CUDA build of the same version is installed (see Dockerfile).
+# torch is pinned here and installed before the lock (which leaves it out): on a CPU-only machine
+# `pip install torch==X` takes the CPU build; the Docker image installs the CUDA build of the same version.
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup all smoke test lint metrics diff plots clean
+IMAGE ?= edgerlhf:latest
+HF_CACHE ?= $(HOME)/.cache/huggingface
+DOCKER_RUN := docker run --rm --init --user "$$(id -u):$$(id -g)" -v "$(CURDIR)":/workspace
+TORCH_CPU_WHEELS ?= https://download.pytorch.org/whl/cpu/torch/
 
+.PHONY: setup all smoke test lint metrics diff plots clean lock docker-build docker-all docker-smoke
+
+# Inside the image (EDGERLHF_IMAGE=1) the environment already exists: don't build a .venv in the mounted repo.
+ifeq ($(EDGERLHF_IMAGE),1)
+setup:
+	@$(BIN)/python -m pip check
+else
 setup: $(STAMP)
+endif
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -r requirements.lock
 	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 all: setup
@@ -33,6 +44,7 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check edgerlhf stages tests
+	$(BIN)/hadolint --config .hadolint.yaml Dockerfile
 
 metrics: setup
 	dvc metrics show
@@ -43,6 +55,22 @@ diff: setup
 
 plots: setup
 	dvc plots show -o reports/plots
+
+# Regenerate requirements.lock (here: make lock TORCH_CPU_WHEELS=/opt/wheels). See requirements.in.
+lock: setup
+	CUSTOM_COMPILE_COMMAND="see the header of requirements.in" $(BIN)/pip-compile --quiet --unsafe-package torch \
+	    --strip-extras --no-emit-index-url --no-emit-find-links --find-links $(TORCH_CPU_WHEELS) \
+	    --output-file requirements.lock requirements.in
+
+docker-build:
+	docker build --build-arg TORCH_VERSION=$(TORCH_VERSION) -t $(IMAGE) .
+
+docker-all:
+	mkdir -p "$(HF_CACHE)"
+	$(DOCKER_RUN) --gpus all --ipc=host -v "$(HF_CACHE)":/cache/huggingface $(IMAGE) make all
+
+docker-smoke:
+	$(DOCKER_RUN) --network none $(IMAGE) make smoke
 
 clean:
 	rm -rf .smoke .cache .pytest_cache .ruff_cache

@@ -44,7 +44,7 @@ class TinyModelParams:
     n_positions: int = _f(256, lo=16)
     vocab_size: int = _f(512, lo=64, doc="size of the byte-level BPE trained on the corpus")
     initializer_range: float = _f(0.02, lo=0.0, lo_open=True)
-    pretrain_steps: int = _f(300, lo=0, doc="full-parameter LM steps on the training corpus, so LoRA starts from an LM")
+    pretrain_steps: int = _f(500, lo=0, doc="full-parameter LM steps on the training corpus, so LoRA starts from an LM")
     pretrain_batch_size: int = _f(32, lo=1)
     pretrain_lr: float = _f(3e-3, lo=0.0, lo_open=True)
 
@@ -77,7 +77,7 @@ class DataParams:
     jsonl_path: str = ""
     on_malformed: Literal["error", "skip"] = "error"
     max_prompt_chars: int = _f(1024, lo=16, doc="longer prompts are skipped and counted")
-    knowledge_repeats: int = _f(20, lo=0, doc="synthetic task: copies of its fact statements in the corpus")
+    knowledge_repeats: int = _f(200, lo=0, doc="synthetic task: copies of its fact statements in the corpus")
     sizes: SplitSizes = field(default_factory=SplitSizes)
 
 

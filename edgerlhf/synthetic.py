@@ -2,7 +2,8 @@
 
 A closed world of simple facts asked in HH-RLHF shape
 ("\\n\\nHuman: What color is the sky?\\n\\nAssistant:"). A response is an
-optional opener, an answer sentence and an optional closer. The gold scorer
+optional opener and an answer sentence (sometimes repeated). The answer ends the response, so the
+decisive tokens sit next to the last token a reward model reads. The gold scorer
 states the preference rules, and every chosen/rejected pair is ordered by it:
 
     answer   +2.0  on topic and correct (names the subject and only the right value)
@@ -48,15 +49,13 @@ KINDS: dict[str, dict] = {
 }
 
 POLITE_OPENERS = ["Glad to help!", "Good question!", "Sure thing!"]
-POLITE_CLOSERS = ["Hope that helps.", "Thanks for asking."]
 RUDE_OPENERS = ["Ugh, fine.", "What a dumb question."]
-RUDE_CLOSERS = ["Now go away.", "Stop bothering me."]
 OFF_TOPIC = ["I like trains.", "It might rain today.", "Let us talk about cars."]
 
 _WORD = re.compile(r"[a-z]+")
 # Phrases are matched on the response's lower-cased words joined by single spaces (punctuation ignored).
-POLITE_PHRASES = [" ".join(_WORD.findall(p.lower())) for p in POLITE_OPENERS + POLITE_CLOSERS]
-RUDE_PHRASES = [" ".join(_WORD.findall(p.lower())) for p in RUDE_OPENERS + RUDE_CLOSERS]
+POLITE_PHRASES = [" ".join(_WORD.findall(p.lower())) for p in POLITE_OPENERS]
+RUDE_PHRASES = [" ".join(_WORD.findall(p.lower())) for p in RUDE_OPENERS]
 
 SCORE_CORRECT, SCORE_WRONG, SCORE_OFF_TOPIC = 2.0, -1.0, -1.5
 SCORE_POLITE, SCORE_RUDE, SCORE_REPEAT, SCORE_PER_EXTRA_WORD, SCORE_EMPTY = 0.5, -1.5, -0.5, -0.1, -3.0
@@ -65,8 +64,7 @@ FREE_WORDS = 16
 # Component mix: chosen responses (the max of two draws) stay imperfect, so an
 # SFT policy copies some wrong, rude and off-topic answers and PPO has room.
 P_ANSWER = {"correct": 0.4, "wrong": 0.35, "off": 0.25}
-P_OPENER = {"polite": 0.35, "none": 0.4, "rude": 0.25}
-P_CLOSER = {"polite": 0.3, "none": 0.5, "rude": 0.2}
+P_OPENER = {"polite": 0.4, "none": 0.3, "rude": 0.3}
 P_REPEAT = 0.1
 
 _QUESTION_RES = [
@@ -138,7 +136,7 @@ def sample_prompt(rng: random.Random) -> tuple[str, str, str]:
 
 
 def sample_response(rng: random.Random, kind: str, subject: str) -> str:
-    """Draw one response: opener, answer (correct, wrong or off topic), closer, maybe a repeat."""
+    """Draw one response: opener, answer (correct, wrong or off topic), maybe the answer again."""
     spec = KINDS[kind]
     answer_kind = _pick(rng, P_ANSWER)
     if answer_kind == "correct":
@@ -155,9 +153,6 @@ def sample_response(rng: random.Random, kind: str, subject: str) -> str:
     parts.append(answer)
     if rng.random() < P_REPEAT:
         parts.append(answer)
-    closer = _pick(rng, P_CLOSER)
-    if closer != "none":
-        parts.append(rng.choice(POLITE_CLOSERS if closer == "polite" else RUDE_CLOSERS))
     return " " + " ".join(parts)
 
 

@@ -22,15 +22,14 @@ def main() -> None:
     modeling.require_dir(paths.reward_dir(precision), f"reward@{precision}", "adapter_config.json")
     log.info("policy %s, reward model %s at %s, device %s", paths.SFT_MERGED, paths.reward_dir(precision),
              precision, device.describe())
-    plots = paths.PLOTS / "ppo"
-    remove_outputs(paths.ppo_dir(precision), paths.ppo_metrics(precision), plots / f"{precision}.csv",
-                   plots / f"{precision}_eval.csv")
+    curves, eval_curves = paths.PLOTS / "ppo" / f"{precision}.csv", paths.PLOTS / "ppo_eval" / f"{precision}.csv"
+    remove_outputs(paths.ppo_dir(precision), paths.ppo_metrics(precision), curves, eval_curves)
     timer = Timer()
     with atomic_dir(paths.ppo_dir(precision)) as out:
         metrics, history, evals = run_ppo(params, precision, device, out)
-    write_csv(plots / f"{precision}.csv", history)
-    if evals:
-        write_csv(plots / f"{precision}_eval.csv", evals)
+    write_csv(curves, history)
+    # Gold vs proxy reward against KL at the periodic evaluations (Gao et al. 2022 style over-optimisation view).
+    write_csv(eval_curves, evals)
     write_json(paths.ppo_metrics(precision), {**metrics, **timer.metrics()})
 
 

@@ -25,7 +25,7 @@ SKY = S.format_prompt("What color is the sky?")
 @pytest.mark.parametrize("response, score", [
     (" The sky is blue.", 2.0),
     (" Glad to help! The sky is blue.", 2.5),
-    (" Glad to help! The sky is blue. Thanks for asking.", 2.5),  # politeness counts once
+    (" Glad to help! The sky is blue. Good question!", 2.5),  # politeness counts once
     (" The sky is green.", -1.0),
     (" The sky is blue. The sky is green.", -1.0),  # hedging between values is wrong
     (" I like trains.", -1.5),
@@ -61,5 +61,5 @@ def test_parse_prompt_rejects_foreign_prompts():
 def test_phrases_never_use_fact_words():
     """A stock phrase containing a subject/value word (once: 'Happy to help' vs happy/sad) corrupts the labels."""
     fact_words = {w for spec in S.KINDS.values() for kv in spec["facts"].items() for w in kv}
-    for phrase in S.POLITE_OPENERS + S.POLITE_CLOSERS + S.RUDE_OPENERS + S.RUDE_CLOSERS + S.OFF_TOPIC:
+    for phrase in S.POLITE_OPENERS + S.RUDE_OPENERS + S.OFF_TOPIC:
         assert not set(S._WORD.findall(phrase.lower())) & fact_words, phrase
