@@ -1,7 +1,8 @@
 # EdgeRLHF: `make smoke` and `make test` are the quick start; `make all` is the real run on an 8 GB GPU.
 SHELL := /bin/bash
-PYTHON ?= python3.11          # the lock is compiled for 3.11
-VENV ?= .venv                 # the Docker image sets VENV=/opt/venv
+# The lock is compiled for Python 3.11; the Docker image sets VENV=/opt/venv.
+PYTHON ?= python3.11
+VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is pinned here and installed before the lock (which leaves it out): on a CPU-only machine
 # `pip install torch==X` takes the CPU build; the Docker image installs the CUDA build of the same version.
@@ -15,7 +16,7 @@ HF_CACHE ?= $(HOME)/.cache/huggingface
 DOCKER_RUN := docker run --rm --init --user "$$(id -u):$$(id -g)" -v "$(CURDIR)":/workspace
 TORCH_CPU_WHEELS ?= https://download.pytorch.org/whl/cpu/torch/
 
-.PHONY: setup all smoke test lint metrics diff plots clean lock docker-build docker-all docker-smoke
+.PHONY: setup all smoke test lint metrics diff plots clean lock docker-build docker-all docker-smoke generate export
 
 # Inside the image (EDGERLHF_IMAGE=1) the environment already exists: don't build a .venv in the mounted repo.
 ifeq ($(EDGERLHF_IMAGE),1)
@@ -53,8 +54,10 @@ diff: setup
 	dvc params diff
 	dvc metrics diff
 
+# reward/KL/loss curves and proxy-vs-gold against KL (dvc.yaml `plots:`) as HTML in RUN_DIR/reports/plots/
+# (make plots RUN_DIR=.smoke for the offline run); reports/summary.md embeds PNG charts of the headline numbers.
 plots: setup
-	dvc plots show -o reports/plots
+	cd "$(or $(RUN_DIR),.)" && dvc plots show -o reports/plots
 
 # Regenerate requirements.lock (here: make lock TORCH_CPU_WHEELS=/opt/wheels). See requirements.in.
 lock: setup
@@ -74,3 +77,17 @@ docker-smoke:
 
 clean:
 	rm -rf .smoke .cache .pytest_cache .ruff_cache
+
+# Use what a run trained (README "Talk to and ship the policies"). RUN_DIR: the run's root (.smoke for make smoke).
+RUN_DIR ?= .
+
+# make generate PROMPT="What color is the sky?" [POLICY=ppo@int4 | COMPARE=1] [RUN_DIR=.smoke] [ARGS="--seed 1"];
+# without PROMPT the prompts are read from stdin, one per line (or ARGS="--file prompts.txt").
+generate: setup
+	$(BIN)/python -m edgerlhf.generate --root "$(RUN_DIR)" $(if $(POLICY),--policy "$(POLICY)") \
+	    $(if $(COMPARE),--compare) $(ARGS) $(if $(PROMPT),-- "$$PROMPT")
+
+# Standalone Hugging Face folders RUN_DIR/exports/ppo-P (PPO adapter merged, model card). Not a dvc.yaml stage:
+# full weights per precision would be stored again in the DVC cache. make export [PRECISION=int4] [RUN_DIR=.smoke]
+export: setup
+	$(BIN)/python -m edgerlhf.export --root "$(RUN_DIR)" $(if $(PRECISION),--precision "$(PRECISION)") $(ARGS)

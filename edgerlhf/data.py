@@ -375,7 +375,8 @@ def read_split(path: str | Path) -> list[Record]:
                 if not isinstance(obj.get(key), str):
                     raise _Malformed(REASON_MISSING_FIELD, f"field {key!r} missing or not a string")
         except _Malformed as exc:
-            raise ArtifactError(f"{path}:{lineno}: {exc.detail}; re-run the prepare stage (dvc repro prepare)") from None
+            raise ArtifactError(
+                f"{path}:{lineno}: {exc.detail}; re-run the prepare stage (dvc repro prepare)") from None
         out.append(obj)  # type: ignore[arg-type]
     return out
 

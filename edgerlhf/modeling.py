@@ -63,19 +63,48 @@ def choose_dtype(device_type: str, capability: tuple[int, int] | None, requested
             f"hardware.dtype bf16 needs compute capability >= 8.0, this GPU has {capability[0]}.{capability[1]}; "
             "set hardware.dtype: auto (fp16) or fp16")
     if requested == "fp16" and device_type == "cpu":
-        raise HardwareError("hardware.dtype fp16 is not supported for training on CPU; set hardware.dtype: auto or fp32")
+        raise HardwareError(
+            "hardware.dtype fp16 is not supported for training on CPU; set hardware.dtype: auto or fp32")
     return DTYPES[requested]
 
 
 def resolve_device(hw: HardwareParams) -> Device:
-    """Pick CUDA when present (or as params say), else CPU, and the compute dtype by `choose_dtype`."""
+    """Pick CUDA when present (or as params say), else CPU, the compute dtype by `choose_dtype`, and cap this
+    process's GPU memory to hardware.vram_budget_gb (see `apply_vram_budget`)."""
     want = hw.device
     if want == "cuda" and not torch.cuda.is_available():
         raise HardwareError("hardware.device is cuda but no CUDA GPU is visible; set hardware.device: auto or cpu")
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         cap = torch.cuda.get_device_capability(0)
-        return Device("cuda", choose_dtype("cuda", cap, hw.dtype), torch.cuda.get_device_name(0), cap)
-    return Device("cpu", choose_dtype("cpu", None, hw.dtype), "cpu")
+        device = Device("cuda", choose_dtype("cuda", cap, hw.dtype), torch.cuda.get_device_name(0), cap)
+    else:
+        device = Device("cpu", choose_dtype("cpu", None, hw.dtype), "cpu")
+    apply_vram_budget(hw.vram_budget_gb, device)
+    return device
+
+
+def vram_fraction(budget_gb: float, total_gb: float) -> float | None:
+    """Fraction of the GPU a budget allows; None when there is nothing to cap (budget 0, or a budget at least
+    the GPU's size: an "8 GB" card reports slightly under 8 GiB and is its own cap)."""
+    if budget_gb == 0 or budget_gb >= total_gb:
+        return None
+    return budget_gb / total_gb
+
+
+def apply_vram_budget(budget_gb: float, device: Device) -> None:
+    """On CUDA, cap the process's allocator at hardware.vram_budget_gb so any larger GPU proves the 8 GB promise:
+    exceeding it raises CUDA OOM, which the stage runner reports with the params to lower."""
+    if device.type != "cuda":
+        log.info("hardware.vram_budget_gb=%g: no GPU, the VRAM cap does not apply (peak_vram_gb recorded as 0.0)",
+                 budget_gb)
+        return
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    fraction = vram_fraction(budget_gb, total)
+    if fraction is None:
+        log.info("hardware.vram_budget_gb=%g: no VRAM cap needed on this %.1f GB GPU", budget_gb, total)
+        return
+    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    log.info("VRAM capped at %.2f GB of %.1f GB (hardware.vram_budget_gb)", budget_gb, total)
 
 
 def check_precision_supported(precision: str, device: Device) -> None:
@@ -205,6 +234,15 @@ def require_dir(path: str | Path, stage: str, marker: str = "") -> Path:
     return path
 
 
+def require_safetensors(path: str | Path, stage: str) -> None:
+    """Refuse folders whose weights are pickles (.bin/.pt): loading those can run arbitrary code."""
+    path = Path(path)
+    if not list(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        what = f"only pickled weights ({', '.join(pickles)})" if pickles else "no .safetensors weights"
+        raise ArtifactError(f"{path} has {what}; refusing to unpickle. Rerun `dvc repro -f {stage}`")
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """Tokenizer from a local folder, left padding for generation (callers re-pad where needed)."""
     from transformers import AutoTokenizer
@@ -244,6 +282,7 @@ def load_reward_model(base_path: str | Path, adapter_path: str | Path, precision
     from peft import PeftModel
 
     require_dir(adapter_path, f"reward@{precision}", "adapter_config.json")
+    require_safetensors(adapter_path, f"reward@{precision}")
     model = load_reward_base(base_path, precision, device, trust_remote_code)
     model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
     model.eval()

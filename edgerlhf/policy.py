@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -32,12 +33,36 @@ def load_policy_base(params: Params, device: Device) -> torch.nn.Module:
     return modeling.load_causal_lm(paths.SFT_MERGED, device, trust_remote_code=params.model.trust_remote_code)
 
 
+PROBE_FILE = "probe_logprobs.json"
+
+
+@torch.no_grad()
+def probe_logprobs(policy: ppo.PolicyWithValue, tokenizer, records: list[dict], temperature: float,
+                   reference: bool = False) -> list[list[float]]:
+    """Per-token log-probs (and the same forward's values) of fixed prompt -> chosen pairs: a fingerprint of
+    the trained policy that a reload must reproduce exactly."""
+    query, query_mask = ppo.left_pad(tokenize_prompts(tokenizer, records), tokenizer.pad_token_id, policy.device)
+    responses = [tokenizer(r["chosen"], add_special_tokens=False)["input_ids"] for r in records]
+    width = max(len(x) for x in responses)
+    response = torch.full((len(records), width), tokenizer.pad_token_id, dtype=torch.long, device=policy.device)
+    response_mask = torch.zeros_like(response)
+    for i, ids in enumerate(responses):
+        response[i, :len(ids)] = torch.tensor(ids)
+        response_mask[i, :len(ids)] = 1
+    rollout = ppo.Rollout(query=query, query_mask=query_mask, response=response, response_mask=response_mask,
+                          has_eos=torch.ones(len(records), dtype=torch.bool, device=policy.device))
+    logp, _, _ = ppo.rollout_logprobs_values(policy, rollout, temperature, len(records), reference=reference)
+    return [row[m.bool()].tolist() for row, m in zip(logp.cpu(), response_mask.cpu())]
+
+
 def _finite(x: float) -> float:
     return round(x, 6) if math.isfinite(x) else 0.0
 
 
-def run_ppo(params: Params, precision: str, device: Device, out_dir: Path) -> tuple[dict, list[dict], list[dict]]:
-    """Train the PPO policy against reward@precision; save it to `out_dir`. Returns (metrics, curves, evals)."""
+def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, *, checkpoint_dir: Path | None = None,
+            fingerprint: str = "") -> tuple[dict, list[dict], list[dict]]:
+    """Train the PPO policy against reward@precision; save it to `out_dir`. Returns (metrics, curves, evals).
+    checkpoint_dir / fingerprint: resumable checkpoints every ppo.checkpoint_every updates (see train_ppo)."""
     tokenizer = modeling.load_tokenizer(paths.SFT_MERGED, params.model.trust_remote_code)
     base = load_policy_base(params, device)
     policy = ppo.build_policy(base, params.ppo, modeling.lora_targets(base, params.lora.target_modules))
@@ -55,10 +80,15 @@ def run_ppo(params: Params, precision: str, device: Device, out_dir: Path) -> tu
              trainable, params.ppo.lora_r, "rules" if gold else "none")
     result = ppo.train_ppo(policy, tokenizer, prompts, score_fn, params.ppo, device=device.torch_device,
                            seed=params.seed, gold_fn=gold,
-                           eval_prompts=tokenize_prompts(tokenizer, eval_records) if gold else None)
+                           eval_prompts=tokenize_prompts(tokenizer, eval_records) if gold else None,
+                           checkpoint_dir=checkpoint_dir, fingerprint=fingerprint)
 
     ppo.save_policy(policy, out_dir, (result.score_mean, result.score_std))
     tokenizer.save_pretrained(out_dir)
+    probe = eval_records[:8]
+    (out_dir / PROBE_FILE).write_text(json.dumps({
+        "records": probe, "temperature": params.ppo.temperature,
+        "logprobs": probe_logprobs(policy, tokenizer, probe, params.ppo.temperature)}))
     (out_dir / "params_used.yaml").write_text(yaml.safe_dump(
         {"precision": precision, "seed": params.seed, "ppo": to_dict(params.ppo), "lora": to_dict(params.lora)},
         sort_keys=False))

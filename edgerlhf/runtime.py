@@ -28,8 +28,8 @@ def setup_logging(stage: str) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        import transformers
         import datasets
+        import transformers
 
         transformers.utils.logging.set_verbosity_error()
         datasets.utils.logging.set_verbosity_error()
@@ -56,17 +56,53 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+# What to lower when a stage runs out of GPU memory.
+OOM_HINTS = {
+    "sft": "sft.per_device_train_batch_size, sft.max_length (or set sft.gradient_checkpointing: true)",
+    "reward": "reward.per_device_train_batch_size, reward.max_length, reward.eval_batch_size",
+    "ppo": "ppo.mini_batch_size, ppo.logprob_chunk_size, ppo.response_length (or ppo.gradient_checkpointing: true)",
+    "evaluate": "eval.batch_size, eval.max_new_tokens",
+    "base": "model.tiny.pretrain_batch_size",
+}
+
+
+def explain(stage: str, exc: BaseException) -> EdgeRLHFError | None:
+    """Map a known low-level failure to the one-line error a user can act on; None if it is not one."""
+    import errno
+
+    from edgerlhf.errors import ArtifactError, HardwareError
+
+    if type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc):
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+        return HardwareError(f"CUDA out of memory in stage {stage} (peak {peak:.2f} GB allocated); lower "
+                             f"{OOM_HINTS.get(stage, 'the batch sizes of this stage')} in params.yaml")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = getattr(exc, "filename", None) or "the output folder"
+        return EdgeRLHFError(f"disk full while writing {where}; free space (dvc gc, rm -rf .smoke) or move the "
+                             "DVC cache (dvc cache dir PATH)")
+    if type(exc).__name__ == "SafetensorError" or "safetensors" in type(exc).__module__:
+        return ArtifactError(f"a weights file is corrupted ({str(exc).splitlines()[0][:120]}); rerun the stage "
+                             "that wrote it with `dvc repro -f <stage>`")
+    return None
+
+
 def run_stage(stage: str, main: Callable[[], None]) -> None:
-    """Run a stage's main: any EdgeRLHFError becomes one line on stderr and its exit code (traceback only with
-    EDGERLHF_DEBUG=1); other exceptions still fail loudly with their traceback."""
+    """Run a stage's main: an EdgeRLHFError (or a known failure `explain` maps to one) becomes one line on
+    stderr and a non-zero exit code, traceback only with EDGERLHF_DEBUG=1; anything else fails loudly with its
+    traceback. Outputs are written last or atomically, so a failed stage leaves none that look complete."""
     setup_logging(stage)
     try:
         main()
-    except EdgeRLHFError as exc:
+    except Exception as exc:  # noqa: BLE001 - re-raised below unless it is a known, explainable failure
+        err = exc if isinstance(exc, EdgeRLHFError) else explain(stage, exc)
+        if err is None:
+            raise
         if os.environ.get("EDGERLHF_DEBUG") == "1":
             traceback.print_exc()
-        print(f"error [{stage}]: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        print(f"error [{stage}]: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
 
 
 @contextlib.contextmanager
@@ -124,8 +160,11 @@ class Timer:
     def metrics(self) -> dict[str, float]:
         import torch
 
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-        return {"wall_time_s": round(time.perf_counter() - self.start, 3), "peak_vram_gb": round(peak, 4)}
+        cuda = torch.cuda.is_available()
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
+        return {"wall_time_s": round(time.perf_counter() - self.start, 3), "peak_vram_gb": round(peak, 4),
+                "peak_vram_reserved_gb": round(reserved, 4)}
 
 
 def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -23,6 +23,12 @@ from edgerlhf.config import deep_merge, parse_params
 PIPELINE_FILES = ("dvc.yaml", "stages", "edgerlhf")
 
 
+def _dvc() -> str:
+    """The dvc next to this interpreter (the project venv), else whatever is on PATH."""
+    local = Path(sys.executable).parent / "dvc"
+    return str(local) if local.exists() else "dvc"
+
+
 def prepare_workspace(root: Path, dest: Path, override: Path) -> Path:
     """Copy the pipeline from `root` into `dest` (a DVC repo without git), with params = params.yaml + override.
 
@@ -41,9 +47,9 @@ def prepare_workspace(root: Path, dest: Path, override: Path) -> Path:
     if not (dest / "params.yaml").exists() or (dest / "params.yaml").read_text() != text:
         (dest / "params.yaml").write_text(text)
     if not (dest / ".dvc").is_dir():
-        subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=dest, check=True)
-        subprocess.run(["dvc", "config", "core.analytics", "false"], cwd=dest, check=True)
-        subprocess.run(["dvc", "config", "cache.type", "reflink,hardlink,copy"], cwd=dest, check=True)
+        subprocess.run([_dvc(), "init", "--no-scm", "-q"], cwd=dest, check=True)
+        subprocess.run([_dvc(), "config", "core.analytics", "false"], cwd=dest, check=True)
+        subprocess.run([_dvc(), "config", "cache.type", "reflink,hardlink,copy"], cwd=dest, check=True)
     return dest
 
 
@@ -53,7 +59,10 @@ def repro(dest: Path, targets: list[str] | None = None, force: bool = False) -> 
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
-    cmd = ["dvc", "repro", *(["-f"] if force else []), *(targets or [])]
+    # The tiny model's matmuls are too small to gain from threads, and oversubscribed OpenMP threads (several
+    # jobs on 2 cores) slow them by orders of magnitude; one thread per stage is the robust choice here.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    cmd = [_dvc(), "repro", *(["-f"] if force else []), *(targets or [])]
     subprocess.run(cmd, cwd=dest, env=env, check=True)
 
 
@@ -104,6 +113,21 @@ def main(argv: list[str] | None = None) -> None:
     repro(dest, args.targets, args.force)
     print("\nOffline smoke run: metrics in", dest / "metrics")
     print(summary_table(dest / "metrics"))
+    table = evaluation_table(dest)
+    if table:
+        print(f"\nEvaluation on eval_prompts (verdict and charts: {dest / 'reports' / 'summary.md'}):")
+        print(table)
+
+
+def evaluation_table(dest: Path) -> str | None:
+    """The evaluation table of a run (edgerlhf.report.eval_table), or None before the evaluate stage ran."""
+    from edgerlhf.config import load_params
+    from edgerlhf.report import eval_table
+
+    path = dest / "metrics" / "eval.json"
+    if not path.is_file():
+        return None
+    return eval_table(json.loads(path.read_text()), load_params(dest / "params.yaml").reward.precisions)
 
 
 if __name__ == "__main__":

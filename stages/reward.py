@@ -2,7 +2,7 @@
 
 import argparse
 
-from edgerlhf import data, modeling, paths
+from edgerlhf import data, modeling, paths, resume
 from edgerlhf.config import PRECISIONS, load_params
 from edgerlhf.errors import ConfigError
 from edgerlhf.reward import train_reward
@@ -15,22 +15,27 @@ def main() -> None:
     precision = parser.parse_args().precision
     params = load_params()
     if precision not in PRECISIONS or precision not in params.reward.precisions:
-        raise ConfigError(f"precision {precision!r} is not in reward.precisions ({', '.join(params.reward.precisions)})")
+        raise ConfigError(f"precision {precision!r} is not in reward.precisions "
+                          f"({', '.join(params.reward.precisions)})")
     seed_everything(params.seed)
     device = modeling.resolve_device(params.hardware)
     modeling.require_dir(paths.SFT_MERGED, "sft", "config.json")
     log.info("model %s, precision %s, device %s", paths.SFT_MERGED, precision, device.describe())
-    remove_outputs(paths.reward_dir(precision), paths.reward_metrics(precision), paths.PLOTS / "reward" / f"{precision}.csv")
+    remove_outputs(paths.reward_dir(precision), paths.reward_metrics(precision),
+                   paths.PLOTS / "reward" / f"{precision}.csv")
     timer = Timer()
+    stage = f"reward@{precision}"
+    inputs = [paths.SFT_MERGED, paths.split_file("rm_train"), paths.split_file("rm_test")]
+    work = resume.claim(resume.work_dir(stage), resume.fingerprint(stage, params, inputs))
     train = data.read_split(paths.split_file("rm_train"))
     test = data.read_split(paths.split_file("rm_test"))
     with atomic_dir(paths.reward_dir(precision)) as out:
-        metrics, steps, scores = train_reward(params, paths.SFT_MERGED, precision, train, test, out,
-                                              paths.WORK / f"reward-{precision}", device)
+        metrics, steps, scores = train_reward(params, paths.SFT_MERGED, precision, train, test, out, work, device)
         write_json(out / "rm_test_scores.json", scores)
     write_csv(paths.PLOTS / "reward" / f"{precision}.csv", steps)
     write_json(paths.reward_metrics(precision), {**metrics, **timer.metrics()})
+    resume.release(work)  # done: its checkpoints are no longer needed
 
 
 if __name__ == "__main__":
-    run_stage(f"reward", main)
+    run_stage("reward", main)

@@ -85,7 +85,8 @@ def test_split_transcript_uses_last_assistant_marker() -> None:
 
 
 def test_split_transcript_single_turn_keeps_leading_space() -> None:
-    assert split_transcript("\n\nHuman: Hi\n\nAssistant: Sure, hello.") == ("\n\nHuman: Hi\n\nAssistant:", " Sure, hello.")
+    assert split_transcript("\n\nHuman: Hi\n\nAssistant: Sure, hello.") == \
+        ("\n\nHuman: Hi\n\nAssistant:", " Sure, hello.")
 
 
 @pytest.mark.parametrize(
@@ -360,7 +361,8 @@ def test_load_hh_rlhf_wrong_columns(offline, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_write_then_read_split_round_trip(tmp_path: Path) -> None:
-    tricky = {"prompt": "\n\nHuman: line\u2028sep \"quoted\" \\ ok\n\nAssistant:", "chosen": " ✓ 日本", "rejected": " x"}
+    tricky = {"prompt": "\n\nHuman: line\u2028sep \"quoted\" \\ ok\n\nAssistant:",
+              "chosen": " ✓ 日本", "rejected": " x"}
     records = [*RECORDS, tricky]
     path = tmp_path / "splits" / "rm_train.jsonl"  # parent is created
     assert write_jsonl(path, records) == 4
@@ -403,7 +405,8 @@ def test_read_split_missing_or_corrupt_is_artifact_error(tmp_path: Path) -> None
     with pytest.raises(ArtifactError) as info:
         read_split(tmp_path / "rm_test.jsonl")
     assert str(info.value) == f"{tmp_path / 'rm_test.jsonl'} not found; run the prepare stage (dvc repro prepare)"
-    path = _write_lines(tmp_path / "rm_test.jsonl", [json.dumps(RECORDS[0]), json.dumps({"prompt": "p", "chosen": "c"})])
+    path = _write_lines(tmp_path / "rm_test.jsonl",
+                        [json.dumps(RECORDS[0]), json.dumps({"prompt": "p", "chosen": "c"})])
     with pytest.raises(ArtifactError) as info:
         read_split(path)
     assert str(info.value) == (f"{path}:2: field 'rejected' missing or not a string; re-run the prepare stage "

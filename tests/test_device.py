@@ -44,3 +44,17 @@ def test_resolve_device_on_this_machine():
     assert dev.type == "cpu" and dev.dtype == torch.float32
     with pytest.raises(HardwareError, match="no CUDA GPU is visible"):
         modeling.resolve_device(HardwareParams(device="cuda"))
+
+
+def test_vram_budget_fraction():
+    assert modeling.vram_fraction(8.0, 141.0) == pytest.approx(8.0 / 141.0)
+    assert modeling.vram_fraction(0.0, 141.0) is None
+    assert modeling.vram_fraction(8.0, 7.996) is None  # an RTX 4060 reports 7.996 GiB: it is its own cap
+
+
+def test_cpu_budget_is_logged_not_applied(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="edgerlhf"):
+        modeling.apply_vram_budget(8.0, modeling.Device("cpu", torch.float32, "cpu"))
+    assert "the VRAM cap does not apply" in caplog.text

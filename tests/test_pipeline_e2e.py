@@ -1,17 +1,14 @@
-"""End to end: the real dvc.yaml and stage scripts on the offline profile, through the reward stages.
-
-One module-scoped `dvc repro` (about a minute on 2 cores) feeds every test here."""
+"""End to end: the real dvc.yaml and stage scripts on the offline profile (the session's `pipeline_run`)."""
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from edgerlhf import metrics as M
-from edgerlhf import smoke
+from tests.conftest import tool_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ["bf16", "int8", "int4"]
@@ -19,18 +16,14 @@ pytestmark = pytest.mark.slow
 
 
 def dvc(cwd: Path, *args: str) -> str:
-    env_path = str(Path(sys.executable).parent)
-    proc = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**__import__("os").environ, "PATH": env_path + ":" + __import__("os").environ["PATH"]})
+    proc = subprocess.run(["dvc", *args], cwd=cwd, capture_output=True, text=True, env=tool_env())
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    dest = smoke.prepare_workspace(ROOT, tmp_path_factory.mktemp("pipeline"), ROOT / "profiles/smoke.yaml")
-    smoke.repro(dest, [f"reward@{p}" for p in PRECISIONS])
-    return dest
+@pytest.fixture()
+def run(pipeline_run) -> Path:
+    return pipeline_run
 
 
 def load(run: Path, rel: str) -> dict:
@@ -68,8 +61,8 @@ def test_reloaded_reward_model_gives_the_same_scores(run):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
     from edgerlhf.data import read_split
-    from edgerlhf.reward import score_pairs
     from edgerlhf.modeling import Device
+    from edgerlhf.reward import score_pairs
 
     records = read_split(run / "data/prepared/rm_test.jsonl")
     quant = {"bf16": None, "int8": BitsAndBytesConfig(load_in_8bit=True),
@@ -92,17 +85,15 @@ def test_reloaded_reward_model_gives_the_same_scores(run):
 
 
 def test_second_repro_reruns_nothing_and_params_change_flags_only_reward(run):
-    out = subprocess.run(["dvc", "repro", *[f"reward@{p}" for p in PRECISIONS]], cwd=run, capture_output=True,
-                         text=True, env={**__import__("os").environ,
-                                         "PATH": str(Path(sys.executable).parent) + ":" + __import__("os").environ["PATH"]})
-    assert out.returncode == 0, out.stderr
-    assert "Running stage" not in out.stdout
+    out = dvc(run, "repro")
+    assert "Running stage" not in out
     params = yaml.safe_load((run / "params.yaml").read_text())
     original = (run / "params.yaml").read_text()
     try:
         params["reward"]["learning_rate"] = params["reward"]["learning_rate"] * 2
         (run / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         status = json.loads(dvc(run, "status", "--json"))
+        # DVC lists the directly changed stages; their dependents rerun on repro
         assert sorted(status) == sorted(f"reward@{p}" for p in PRECISIONS)
     finally:
         (run / "params.yaml").write_text(original)
