@@ -16,7 +16,7 @@ HF_CACHE ?= $(HOME)/.cache/huggingface
 DOCKER_RUN := docker run --rm --init --user "$$(id -u):$$(id -g)" -v "$(CURDIR)":/workspace
 TORCH_CPU_WHEELS ?= https://download.pytorch.org/whl/cpu/torch/
 
-.PHONY: setup all smoke test lint metrics diff plots clean lock docker-build docker-all docker-smoke generate export
+.PHONY: setup all smoke test lint metrics diff plots bench clean lock docker-build docker-all docker-smoke generate export
 
 # Inside the image (EDGERLHF_IMAGE=1) the environment already exists: don't build a .venv in the mounted repo.
 ifeq ($(EDGERLHF_IMAGE),1)
@@ -58,6 +58,12 @@ diff: setup
 # (make plots RUN_DIR=.smoke for the offline run); reports/summary.md embeds PNG charts of the headline numbers.
 plots: setup
 	cd "$(or $(RUN_DIR),.)" && dvc plots show -o reports/plots
+
+# Speed and memory per stage at distilgpt2 / Qwen2.5-0.5B shapes (random weights, no download) -> metrics/bench.json
+# (+ metrics/bench_info.json). Full size under hardware.vram_budget_gb on a GPU; reduced automatically on CPU.
+# make bench [BENCH_ARGS="--shapes distilgpt2 --precisions int4 --steps 5"]
+bench: setup
+	$(BIN)/python -m edgerlhf.bench $(BENCH_ARGS)
 
 # Regenerate requirements.lock (here: make lock TORCH_CPU_WHEELS=/opt/wheels). See requirements.in.
 lock: setup
