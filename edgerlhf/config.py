@@ -109,6 +109,8 @@ class SFTParams:
     weight_decay: float = _f(0.0, lo=0.0)
     gradient_checkpointing: bool = True
     logging_steps: int = _f(10, lo=1)
+    checkpoint_every: int = _f(200, lo=0, doc="optimizer steps between resumable checkpoints in .cache/work/sft "
+                                              "(kept only until the stage succeeds); 0 off")
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,8 @@ class RewardParams:
     logging_steps: int = _f(10, lo=1)
     eval_batch_size: int = _f(16, lo=1)
     ece_bins: int = _f(10, lo=2)
+    checkpoint_every: int = _f(200, lo=0, doc="optimizer steps between resumable checkpoints in "
+                                              ".cache/work/reward-<precision>; 0 off")
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,8 @@ class PPOParams:
     eval_every: int = _f(10, lo=0, doc="updates between gold/proxy checks on a fixed prompt set; 0 off")
     eval_prompts: int = _f(32, lo=1)
     log_every: int = _f(1, lo=1)
+    checkpoint_every: int = _f(10, lo=0, doc="PPO updates between resumable checkpoints in "
+                                             ".cache/work/ppo-<precision>; 0 off")
 
 
 @dataclass(frozen=True)
@@ -271,6 +277,11 @@ def _check_cross_field(p: Params) -> None:
         raise ConfigError("reward.precisions must name at least one of " + ", ".join(PRECISIONS))
     if len(set(p.reward.precisions)) != len(p.reward.precisions):
         raise ConfigError(f"reward.precisions has duplicates ({p.reward.precisions})")
+    for name, section in (("sft", p.sft), ("reward", p.reward)):
+        # a resumed Trainer starts a fresh logging window at its checkpoint: aligned, the logged curve is the same
+        if section.checkpoint_every % section.logging_steps:
+            raise ConfigError(f"{name}.checkpoint_every ({section.checkpoint_every}) must be a multiple of "
+                              f"{name}.logging_steps ({section.logging_steps}), so a resumed run logs the same curve")
     step = p.ppo.mini_batch_size * p.ppo.gradient_accumulation_steps
     if p.ppo.batch_size % step:
         raise ConfigError(

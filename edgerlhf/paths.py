@@ -36,3 +36,15 @@ def reward_metrics(precision: str) -> Path:
 
 def ppo_metrics(precision: str) -> Path:
     return METRICS / "ppo" / f"{precision}.json"
+
+
+EVAL_METRICS = METRICS / "eval.json"
+SAMPLES = REPORTS / "samples.jsonl"
+SUMMARY = REPORTS / "summary.md"
+CHART_GOLD_VS_KL = REPORTS / "gold_vs_kl.png"
+CHART_EVAL = REPORTS / "eval_comparison.png"
+
+
+def ppo_eval_curve(precision: str) -> Path:
+    """Gold/proxy reward against KL at the PPO stage's periodic evaluations (update, kl, gold, proxy)."""
+    return PLOTS / "ppo_eval" / f"{precision}.csv"

@@ -8,6 +8,7 @@ Layout of this file:
   4. the policy-with-value model (one base model = policy, reference and value) and its save/load
   5. rollouts: sampling, log-probs/values by a chunked no-grad forward, score normalisation
   6. the training loop `train_ppo`
+  7. resumable checkpoints: the loop's whole state in one safetensors file
 
 Every hyperparameter comes from `edgerlhf.config.PPOParams`; see /work/shared/ppo-notes.md for the
 algorithm and the test oracles. Tensor shapes: B episodes, P prompt tokens (left-padded), R response
@@ -17,12 +18,16 @@ tokens (right-padded after the first EOS), V vocabulary.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import inspect
 import json
+import logging
 import math
+import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,9 @@ from edgerlhf.errors import ArtifactError, ConfigError, EdgeRLHFError
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 SCORE_NORM_FILE = "score_norm.json"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+log = logging.getLogger("edgerlhf")
 
 # score_fn(query, query_mask, response, response_mask) -> raw scores [B] (float). The query is the
 # left-padded prompt [B, P]; the response is [B, R] with response_mask 1 up to and including the first EOS.
@@ -563,10 +571,25 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def _prompt_stream(n_prompts: int, generator: torch.Generator) -> Iterator[int]:
-    """Prompt indices cycling over a fresh seeded shuffle each pass."""
-    while True:
-        yield from torch.randperm(n_prompts, generator=generator).tolist()
+def derived_seed(seed: int, *keys: object) -> int:
+    """A 64-bit seed for the RNG stream that `keys` name under `seed` (stable across runs and platforms)."""
+    text = "/".join(map(str, (seed, *keys)))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+
+
+def prompt_indices(n_prompts: int, seed: int, first: int, count: int) -> list[int]:
+    """Prompt indices of episodes first .. first + count - 1. Pass k over the prompts is a shuffle seeded by
+    (seed, k): episode i gets prompt perm_k[i % n] with k = i // n, so its prompt follows from its number
+    alone and a resumed run needs no saved position in the stream."""
+    shuffles: dict[int, list[int]] = {}
+    indices = []
+    for episode in range(first, first + count):
+        k, i = divmod(episode, n_prompts)
+        if k not in shuffles:
+            generator = torch.Generator().manual_seed(derived_seed(seed, "prompts", k))
+            shuffles[k] = torch.randperm(n_prompts, generator=generator).tolist()
+        indices.append(shuffles[k][i])
+    return indices
 
 
 def _decode(tokenizer: Any, ids: Tensor, mask: Tensor) -> list[str]:
@@ -620,7 +643,8 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
               params: PPOParams, *, device: torch.device | str, seed: int,
               on_log: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True,
               gold_fn: GoldFn | None = None, eval_prompts: Sequence[Sequence[int]] | None = None,
-              score_stats: tuple[float, float] | None = None) -> PPOResult:
+              score_stats: tuple[float, float] | None = None, checkpoint_dir: str | Path | None = None,
+              fingerprint: str = "") -> PPOResult:
     """Run PPO on `policy` for total_episodes // batch_size updates; returns the per-update stats.
 
     prompts / eval_prompts: token-id lists (already formatted and tokenized). score_fn: raw scores of a batch
@@ -631,6 +655,9 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
     params.eval_prompts prompts are sampled with a fixed seed and scored by gold_fn ("gold") and score_fn
     ("proxy", raw); results go into that update's stats and into PPOResult.evals (update 0 = SFT policy).
     on_log(update, stats) is called every log_every updates.
+    checkpoint_dir: every checkpoint_every updates the loop's whole state goes to checkpoint_dir/CHECKPOINT_FILE,
+    and a run that finds one there (made with the same fingerprint, params, seed and prompt count) continues from
+    it: the result equals an uninterrupted run's. Deleting it once the outputs are saved is the caller's job.
     """
     from tqdm.auto import tqdm
 
@@ -639,15 +666,9 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
     device = torch.device(device)
     eos_id, pad_id = tokenizer.eos_token_id, _pad_id(tokenizer)
     seed_everything(seed)
-    prompt_rng = torch.Generator().manual_seed(seed)  # prompt order and minibatch shuffles
+    shuffle_rng = torch.Generator().manual_seed(seed)  # minibatch shuffles (and the score-normalisation sample)
     configure_sampling(policy, params, eos_id, pad_id)
     start_time = time.perf_counter()
-
-    # Score normalisation: measured once, on the SFT policy, before any update.
-    if score_stats is None:
-        score_stats = ((0.0, 1.0) if not params.normalize_score else
-                       measure_score_stats(policy, prompts, score_fn, params, eos_id, pad_id, device, prompt_rng))
-    score_mean, score_std = score_stats
 
     trainable = [p for p in policy.parameters() if p.requires_grad]
     # weight_decay 0 as in TRL's PPO: decaying LoRA weights would pull the policy towards SFT behind beta's back
@@ -655,14 +676,29 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
     kl_ctl = make_kl_controller(params)
     num_updates = params.total_episodes // params.batch_size
     minibatch_episodes = params.mini_batch_size * params.gradient_accumulation_steps
-    prompt_order = _prompt_stream(len(prompts), prompt_rng)
     eval_set = list(eval_prompts[:params.eval_prompts]) if (gold_fn and eval_prompts) else []
-    evals: list[dict[str, float]] = []
-    if eval_set and params.eval_every:
-        evals.append({"update": 0.0, **_evaluate(policy, tokenizer, eval_set, score_fn, gold_fn, params, device,
-                                                 seed + 1)})
     history: list[dict[str, float]] = []
-    bar = tqdm(range(1, num_updates + 1), desc="ppo", unit="update", disable=not progress)
+    evals: list[dict[str, float]] = []
+
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir and params.checkpoint_every else None
+    run_id = checkpoint_identity(fingerprint, params, seed, len(prompts))
+    resumed = load_checkpoint(checkpoint, run_id, policy, optimizer, kl_ctl, shuffle_rng) if checkpoint else None
+    if resumed is not None:
+        # policy, optimizer, beta and every RNG are as they were after update `start`
+        start, score_stats, history, evals = resumed
+        log.info("PPO: resumed from update %d of %d (%s)", start, num_updates, checkpoint)
+    else:
+        start = 0
+        # Score normalisation: measured once, on the SFT policy, before any update.
+        if score_stats is None:
+            score_stats = ((0.0, 1.0) if not params.normalize_score else
+                           measure_score_stats(policy, prompts, score_fn, params, eos_id, pad_id, device, shuffle_rng))
+        if eval_set and params.eval_every:
+            evals.append({"update": 0.0, **_evaluate(policy, tokenizer, eval_set, score_fn, gold_fn, params, device,
+                                                     seed + 1)})
+    score_mean, score_std = score_stats
+    bar = tqdm(range(start + 1, num_updates + 1), initial=start, total=num_updates, desc="ppo", unit="update",
+               disable=not progress)
 
     for update in bar:
         # -- learning rate: constant, or linear decay to 0 over the run
@@ -673,7 +709,8 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
             group["lr"] = lr
 
         # -- 1. rollout: sample, then score and evaluate log-probs/values by separate no-grad forwards
-        batch_prompts = [prompts[next(prompt_order)] for _ in range(params.batch_size)]
+        episode = (update - 1) * params.batch_size
+        batch_prompts = [prompts[i] for i in prompt_indices(len(prompts), seed, episode, params.batch_size)]
         query, query_mask = left_pad(batch_prompts, pad_id, device)
         ro = generate_responses(policy, query, query_mask, eos_id, pad_id)
         mask = ro.response_mask.float()
@@ -703,7 +740,7 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
                                   "vf_clipfrac": 0.0, "grad_norm": 0.0}
         n_micro, n_steps, ratio_dev_first = 0, 0, 0.0
         for _epoch in range(params.ppo_epochs):
-            perm = torch.randperm(params.batch_size, generator=prompt_rng).to(device)
+            perm = torch.randperm(params.batch_size, generator=shuffle_rng).to(device)
             for mb_start in range(0, params.batch_size, minibatch_episodes):
                 optimizer.zero_grad(set_to_none=True)
                 for micro_start in range(mb_start, mb_start + minibatch_episodes, params.mini_batch_size):
@@ -770,9 +807,103 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
         if not all(math.isfinite(v) for k, v in stats.items() if k != "explained_variance"):
             raise EdgeRLHFError(f"PPO diverged at update {update} (non-finite stats); lower ppo.learning_rate")
 
+        # -- 5. checkpoint (not after the last update: the caller saves the result right away)
+        if checkpoint and update % params.checkpoint_every == 0 and update < num_updates:
+            save_checkpoint(checkpoint, run_id, update, policy, optimizer, kl_ctl, shuffle_rng, score_stats,
+                            history, evals)
+
     policy.eval()
     wall = time.perf_counter() - start_time
     episodes = num_updates * params.batch_size
+    episodes_run = (num_updates - start) * params.batch_size  # by this call: throughput of a resumed run is its own
     return PPOResult(history=history, score_mean=score_mean, score_std=score_std, episodes=episodes,
-                     updates=num_updates, wall_time_s=wall, episodes_per_s=episodes / wall if wall > 0 else 0.0,
+                     updates=num_updates, wall_time_s=wall, episodes_per_s=episodes_run / wall if wall > 0 else 0.0,
                      evals=evals)
+
+
+# =========================================================================== 7. resumable checkpoints
+
+
+def checkpoint_identity(fingerprint: str, params: PPOParams, seed: int, n_prompts: int) -> str:
+    """What a checkpoint must have been made for to be resumed: the caller's fingerprint (stage, all params, input
+    files) and, for callers without one, the PPO params, seed and number of prompts."""
+    return json.dumps({"fingerprint": fingerprint, "ppo": dataclasses.asdict(params), "seed": seed,
+                       "prompts": n_prompts}, sort_keys=True)
+
+
+def save_checkpoint(path: Path, run_id: str, update: int, policy: PolicyWithValue, optimizer: torch.optim.Optimizer,
+                    kl_ctl: FixedKLController | AdaptiveKLController, shuffle_rng: torch.Generator,
+                    score_stats: tuple[float, float], history: list[dict[str, float]],
+                    evals: list[dict[str, float]]) -> None:
+    """Everything the loop carries from one update to the next, in one safetensors file (no pickle): trainable
+    weights (LoRA + value head), AdamW moments, every RNG state as tensors; beta, score normalisation, history
+    and evaluations as JSON metadata. Written to a temporary file and renamed, so a kill never leaves half a one."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in policy.named_parameters() if p.requires_grad}
+    optim = optimizer.state_dict()
+    for index, state in optim["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.shuffle"] = shuffle_rng.get_state()
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np_keys.astype(np.int64))
+    meta = {"run": run_id, "update": update, "beta": kl_ctl.value, "score_stats": list(score_stats),
+            "history": history, "evals": evals, "optim_param_groups": optim["param_groups"],
+            "python_random": random.getstate(), "numpy_random": [np_kind, np_pos, np_has_gauss, np_gauss]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, run_id: str, policy: PolicyWithValue, optimizer: torch.optim.Optimizer,
+                    kl_ctl: FixedKLController | AdaptiveKLController, shuffle_rng: torch.Generator
+                    ) -> tuple[int, tuple[float, float], list[dict[str, float]], list[dict[str, float]]] | None:
+    """Restore `save_checkpoint`'s state into policy, optimizer, KL controller and RNGs; returns (update, score
+    stats, history, evals), or None when there is no checkpoint or it was made for other work (then deleted)."""
+    import numpy as np
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["state"])
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        log.info("PPO: discarding the unreadable checkpoint %s (%s)", path, exc)
+        path.unlink()
+        return None
+    if meta["run"] != run_id:
+        log.info("PPO: discarding the checkpoint %s: it was made for other params or inputs", path)
+        path.unlink()
+        return None
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if p.requires_grad:
+                p.copy_(tensors[f"param.{name}"])
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} for g in meta["optim_param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    kl_ctl.value = meta["beta"]
+    torch.set_rng_state(tensors["rng.torch"])
+    shuffle_rng.set_state(tensors["rng.shuffle"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
+                                      if f"rng.cuda.{i}" in tensors])
+    version, internal, gauss = meta["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    np_kind, np_pos, np_has_gauss, np_gauss = meta["numpy_random"]
+    np.random.set_state((np_kind, tensors["rng.numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    mean, std = meta["score_stats"]
+    return meta["update"], (mean, std), meta["history"], meta["evals"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from edgerlhf import metrics as M
-from edgerlhf import modeling
+from edgerlhf import modeling, resume
 from edgerlhf.config import Params
 from edgerlhf.modeling import Device
 
@@ -64,7 +64,8 @@ def train_reward(params: Params, sft_dir: Path, precision: str, train_records: l
     """Train the reward model at `precision`; save its adapter (+ score head) and tokenizer into `out_dir`.
 
     Returns (metrics, per-step log, rm_test scores). Pairs too long for reward.max_length are dropped and
-    counted (`train_pairs_too_long`), never silently."""
+    counted (`train_pairs_too_long`), never silently. Checkpoints every reward.checkpoint_every steps into
+    `work_dir` and resumes from the newest one found there (the caller claims it: `resume.claim`)."""
     from datasets import Dataset
     from peft import LoraConfig, TaskType
     from trl import RewardConfig, RewardTrainer
@@ -96,22 +97,25 @@ def train_reward(params: Params, sft_dir: Path, precision: str, train_records: l
         center_rewards_coefficient=rp.center_rewards_coefficient or None,
         gradient_checkpointing=rp.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if rp.gradient_checkpointing else None,
-        logging_steps=rp.logging_steps, save_strategy="no", eval_strategy="no", report_to=[],
-        dataloader_num_workers=0, **modeling.trainer_precision_kwargs(device))
+        logging_steps=rp.logging_steps, eval_strategy="no", report_to=[], dataloader_num_workers=0,
+        **resume.trainer_save_args(rp.checkpoint_every), **modeling.trainer_precision_kwargs(device))
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora,
-                            train_dataset=Dataset.from_list(kept))
+                            train_dataset=Dataset.from_list(kept), callbacks=resume.trainer_callbacks())
     modeling.align_trainable_dtype(trainer.model, torch.float32)
     trainable, total = modeling.count_params(trainer.model)
     log.info("reward@%s: %d pairs, LoRA r=%d + score head, %d of %d params trainable",
              precision, len(kept), params.lora.r, trainable, total)
-    result = trainer.train()
+    checkpoint = resume.last_trainer_checkpoint(work_dir) if rp.checkpoint_every else None
+    if checkpoint is not None:
+        log.info("reward@%s: resuming from %s", precision, checkpoint)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     chosen, rejected = score_pairs(trainer.model, tokenizer, test_records, rp.eval_batch_size, rp.max_length, device)
     trainer.model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     metrics = {
         **M.reward_metrics(chosen, rejected, rp.ece_bins),
-        "train_loss": round(float(result.training_loss), 6),
+        "train_loss": round(resume.train_loss(trainer.state.log_history), 6),
         "model_memory_mb": memory_mb,
         "adapter_size_mb": adapter_size_mb(out_dir),
         "trainable_params": trainable,

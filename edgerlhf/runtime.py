@@ -112,8 +112,9 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     A failed stage therefore never leaves a folder that looks complete."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed run (kill -9 skips the cleanup)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp

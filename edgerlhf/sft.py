@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from edgerlhf import modeling
+from edgerlhf import modeling, resume
 from edgerlhf.config import Params
 from edgerlhf.modeling import Device
 
@@ -25,9 +25,11 @@ def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_re
     """Train the SFT LoRA; write `adapter/` and `merged/` (SFT weights merged into the base) into `out_dir`.
 
     Returns (metrics, per-step log). `base_eval_loss` is measured before training (LoRA B = 0, so the
-    model is exactly the base), which makes "SFT beats the base" checkable from the metrics file."""
+    model is exactly the base), which makes "SFT beats the base" checkable from the metrics file.
+    Checkpoints every sft.checkpoint_every steps into `work_dir` and resumes from the newest one found there
+    (the caller makes sure it belongs to this work: `resume.claim`)."""
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel, TaskType
+    from peft import LoraConfig, TaskType
     from trl import SFTConfig, SFTTrainer
 
     sp = params.sft
@@ -45,20 +47,25 @@ def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_re
         lr_scheduler_type=sp.lr_scheduler_type, weight_decay=sp.weight_decay,
         gradient_checkpointing=sp.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if sp.gradient_checkpointing else None,
-        logging_steps=sp.logging_steps, save_strategy="no", eval_strategy="no", report_to=[],
-        completion_only_loss=True, packing=False, dataloader_num_workers=0, dataset_num_proc=None,
+        logging_steps=sp.logging_steps, eval_strategy="no", report_to=[], completion_only_loss=True, packing=False,
+        dataloader_num_workers=0, dataset_num_proc=None, **resume.trainer_save_args(sp.checkpoint_every),
         **modeling.trainer_precision_kwargs(device))
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora,
                          train_dataset=Dataset.from_list(to_prompt_completion(train_records)),
-                         eval_dataset=Dataset.from_list(to_prompt_completion(eval_records)))
+                         eval_dataset=Dataset.from_list(to_prompt_completion(eval_records)),
+                         callbacks=resume.trainer_callbacks())
     trainable, total = modeling.count_params(trainer.model)
     log.info("SFT: %d train / %d eval examples, LoRA r=%d on %s, %d of %d params trainable",
              len(train_records), len(eval_records), params.lora.r, ",".join(targets), trainable, total)
 
-    base_eval = trainer.evaluate()["eval_loss"]
-    result = trainer.train()
+    base_eval = trainer.evaluate()["eval_loss"]  # before the checkpoint is loaded: the base model, as on a fresh run
+    checkpoint = resume.last_trainer_checkpoint(work_dir) if sp.checkpoint_every else None
+    if checkpoint is not None:
+        log.info("SFT: resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_loss = resume.train_loss(trainer.state.log_history)
     eval_loss = trainer.evaluate()["eval_loss"]
-    log.info("SFT: eval loss %.4f (base %.4f), train loss %.4f", eval_loss, base_eval, result.training_loss)
+    log.info("SFT: eval loss %.4f (base %.4f), train loss %.4f", eval_loss, base_eval, train_loss)
 
     adapter_dir = out_dir / "adapter"
     trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
@@ -68,7 +75,7 @@ def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_re
     steps = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate", 0.0)}
              for e in trainer.state.log_history if "loss" in e]
     metrics = {
-        "train_loss": round(float(result.training_loss), 6),
+        "train_loss": round(float(train_loss), 6),
         "eval_loss": round(float(eval_loss), 6),
         "eval_perplexity": round(math.exp(eval_loss), 6),
         "base_eval_loss": round(float(base_eval), 6),

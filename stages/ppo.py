@@ -2,7 +2,7 @@
 
 import argparse
 
-from edgerlhf import modeling, paths
+from edgerlhf import modeling, paths, resume
 from edgerlhf.config import PRECISIONS, load_params
 from edgerlhf.errors import ConfigError
 from edgerlhf.policy import run_ppo
@@ -15,7 +15,8 @@ def main() -> None:
     precision = parser.parse_args().precision
     params = load_params()
     if precision not in PRECISIONS or precision not in params.reward.precisions:
-        raise ConfigError(f"precision {precision!r} is not in reward.precisions ({', '.join(params.reward.precisions)})")
+        raise ConfigError(f"precision {precision!r} is not in reward.precisions "
+                          f"({', '.join(params.reward.precisions)})")
     seed_everything(params.seed)
     device = modeling.resolve_device(params.hardware)
     modeling.require_dir(paths.SFT_MERGED, "sft", "config.json")
@@ -25,12 +26,18 @@ def main() -> None:
     curves, eval_curves = paths.PLOTS / "ppo" / f"{precision}.csv", paths.PLOTS / "ppo_eval" / f"{precision}.csv"
     remove_outputs(paths.ppo_dir(precision), paths.ppo_metrics(precision), curves, eval_curves)
     timer = Timer()
+    stage = f"ppo@{precision}"
+    inputs = [paths.SFT_MERGED, paths.reward_dir(precision), paths.split_file("ppo_prompts"),
+              paths.split_file("eval_prompts")]
+    fp = resume.fingerprint(stage, params, inputs)
+    work = resume.claim(resume.work_dir(stage), fp)
     with atomic_dir(paths.ppo_dir(precision)) as out:
-        metrics, history, evals = run_ppo(params, precision, device, out)
+        metrics, history, evals = run_ppo(params, precision, device, out, checkpoint_dir=work, fingerprint=fp)
     write_csv(curves, history)
     # Gold vs proxy reward against KL at the periodic evaluations (Gao et al. 2022 style over-optimisation view).
     write_csv(eval_curves, evals)
     write_json(paths.ppo_metrics(precision), {**metrics, **timer.metrics()})
+    resume.release(work)  # done: its checkpoints are no longer needed
 
 
 if __name__ == "__main__":

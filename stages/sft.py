@@ -1,6 +1,6 @@
 """Stage `sft`: LoRA SFT of the base on prompt -> chosen; writes models/sft/{adapter,merged} and metrics/sft.json."""
 
-from edgerlhf import data, modeling, paths
+from edgerlhf import data, modeling, paths, resume
 from edgerlhf.config import load_params
 from edgerlhf.runtime import Timer, atomic_dir, log, remove_outputs, run_stage, seed_everything, write_csv, write_json
 from edgerlhf.sft import train_sft
@@ -14,12 +14,15 @@ def main() -> None:
     log.info("model %s, device %s", paths.BASE, device.describe())
     remove_outputs(paths.SFT, paths.METRICS / "sft.json", paths.PLOTS / "sft.csv")
     timer = Timer()
+    inputs = [paths.BASE, paths.split_file("sft_train"), paths.split_file("sft_eval")]
+    work = resume.claim(resume.work_dir("sft"), resume.fingerprint("sft", params, inputs))
     train = data.read_split(paths.split_file("sft_train"))
     evals = data.read_split(paths.split_file("sft_eval"))
     with atomic_dir(paths.SFT) as out:
-        metrics, steps = train_sft(params, paths.BASE, train, evals, out, paths.WORK / "sft", device)
+        metrics, steps = train_sft(params, paths.BASE, train, evals, out, work, device)
     write_csv(paths.PLOTS / "sft.csv", steps)
     write_json(paths.METRICS / "sft.json", {**metrics, **timer.metrics()})
+    resume.release(work)  # done: its checkpoints are no longer needed
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def test_defaults_equal_committed_file():
     ({"model": "distilgpt2"}, "model must be a mapping"),
     ({"data": {"source": "jsonl"}}, "data.jsonl_path must be set"),
     ({"hardware": {"vram_budget_gb": float("nan")}}, "hardware.vram_budget_gb must be finite"),
+    ({"sft": {"checkpoint_every": 25}}, "sft.checkpoint_every (25) must be a multiple of sft.logging_steps (10)"),
+    ({"ppo": {"checkpoint_every": -1}}, "ppo.checkpoint_every must be >= 0"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as exc:

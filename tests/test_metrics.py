@@ -51,3 +51,22 @@ def test_reward_metrics_keys():
     m = M.reward_metrics([2, 3, 1], [1, 1, 2])
     assert set(m) == {"accuracy", "auc", "ece", "mean_margin"}
     assert m["accuracy"] == pytest.approx(2 / 3) and m["mean_margin"] == pytest.approx(2 / 3)
+
+
+def test_bootstrap_hand_values():
+    # values [0, 1]: a resample's mean is 0, .5 or 1 with probabilities 1/4, 1/2, 1/4, so with many resamples
+    # the 2.5 % / 97.5 % quantiles are 0 and 1 and the 30 % / 70 % quantiles (level .4) are both .5
+    assert M.bootstrap_ci([0.0, 1.0], 20000, seed=3) == (0.0, 1.0)
+    assert M.bootstrap_ci([0.0, 1.0], 20000, seed=3, level=0.4) == (0.5, 0.5)
+    # the percentile interval of the means of resamples drawn by the seeded generator
+    values = np.array([3.0, -1.0, 4.0, 1.0, 5.0])
+    idx = np.random.default_rng(7).integers(0, 5, size=(500, 5))
+    expect = tuple(np.quantile(values[idx].mean(1), [0.025, 0.975]))
+    assert M.bootstrap_ci(values, 500, seed=7) == pytest.approx(expect)
+    # any statistic: the median of a constant sample is that constant
+    assert M.bootstrap_ci([2.0, 2.0, 2.0], 50, seed=0, stat=np.median) == (2.0, 2.0)
+
+
+def test_win_rate_all_ties_and_all_wins():
+    assert M.win_rate([1, 2], [1, 2]) == 0.5
+    assert M.win_rate([3, 4], [1, 2]) == 1.0 and M.win_rate([0, 0], [1, 2]) == 0.0

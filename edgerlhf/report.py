@@ -1,0 +1,497 @@
+"""The report stage: reports/summary.md (tabulate tables + a verdict written from the numbers) and PNG charts.
+
+Rule: the summary holds no number that is not in a metrics file. Every number is printed by `fmt` (integers as
+they are, floats with FLOAT_DECIMALS decimals) from a value read from metrics/*.json; derived quantities (gains,
+gain per KL) are computed by the evaluate stage and stored in metrics/eval.json first. `unsupported_numbers`
+checks a text against the metrics; the stage runs it on its own summary and fails rather than write a number
+that cannot be traced.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgerlhf import paths
+from edgerlhf.errors import ArtifactError, EdgeRLHFError
+
+FLOAT_DECIMALS = 3
+SPLITS = ("sft_train", "sft_eval", "rm_train", "rm_test", "ppo_prompts", "eval_prompts", "judge_train")
+# A number standing alone: not part of an identifier such as bf16 / int8 / ppo_int4, sign included.
+NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?!\w)(?!\.\d)")
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def fmt(value: Any) -> str:
+    """The one number format of the summary: ints as is, floats rounded to FLOAT_DECIMALS; '-' when absent."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "-"
+        return _unsigned_zero(f"{value:.{FLOAT_DECIMALS}f}")
+    return str(value)
+
+
+def fmt_ci(metrics: dict, key: str) -> str:
+    """'value [lo, hi]' of a metric with interval bounds key_lo / key_hi ('-' when the metric is absent)."""
+    if key not in metrics:
+        return "-"
+    if f"{key}_lo" in metrics and f"{key}_hi" in metrics:
+        return f"{fmt(metrics[key])} [{fmt(metrics[key + '_lo'])}, {fmt(metrics[key + '_hi'])}]"
+    return fmt(metrics[key])
+
+
+def arrow(start: Any, end: Any) -> str:
+    return "-" if start is None or end is None else f"{fmt(start)} → {fmt(end)}"
+
+
+def metric_values(metrics_dir: Path) -> list[float]:
+    """Every number in every metrics JSON under `metrics_dir` (nested objects included)."""
+    values: list[float] = []
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+        elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+            values.append(obj)
+
+    for path in sorted(Path(metrics_dir).rglob("*.json")):
+        walk(json.loads(path.read_text()))
+    return values
+
+
+def numbers_in(text: str) -> list[str]:
+    """Number tokens of a text as written (identifiers such as bf16 or int8 are not numbers)."""
+    return NUMBER_RE.findall(text)
+
+
+def _unsigned_zero(text: str) -> str:
+    """'-0.000' -> '0.000' (fmt never writes a signed zero)."""
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def unsupported_numbers(text: str, values: Iterable[float]) -> list[str]:
+    """Number tokens of `text` that no value in `values` prints as (at the token's own number of decimals)."""
+    values = [v for v in values if math.isfinite(v)]
+    bad = []
+    for token in numbers_in(text):
+        if "." in token:
+            decimals = len(token.split(".")[1])
+            ok = any(_unsigned_zero(f"{v:.{decimals}f}") == token for v in values)
+        else:
+            ok = any(float(v) == int(token) for v in values)
+        if not ok:
+            bad.append(token)
+    return bad
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class RunMetrics:
+    """Everything the report reads: metrics files and the PPO stage's periodic gold/proxy evaluations."""
+
+    precisions: list[str]
+    data: dict
+    sft: dict
+    reward: dict[str, dict]
+    ppo: dict[str, dict]
+    eval: dict
+    curves: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    data_source: str = ""
+    judge: str = "auto"
+
+    @property
+    def has_gold(self) -> bool:
+        return "gold_reward" in self.eval.get("sft", {})
+
+    def policies(self) -> list[str]:
+        return ["sft"] + [f"ppo_{p}" for p in self.precisions if f"ppo_{p}" in self.eval]
+
+
+def _read(path: Path, stage: str) -> dict:
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: run `dvc repro {stage}` first")
+    return json.loads(path.read_text())
+
+
+def read_curve(path: Path) -> list[dict[str, float]]:
+    """Rows of a plots CSV as floats (empty list when the file is absent)."""
+    if not path.is_file():
+        return []
+    with path.open() as fh:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+
+
+def load_run(root: Path, precisions: list[str], data_source: str = "", judge: str = "auto") -> RunMetrics:
+    """Read the metrics of a finished run rooted at `root`."""
+    root = Path(root)
+    return RunMetrics(
+        precisions=list(precisions),
+        data=_read(root / paths.METRICS / "data.json", "prepare"),
+        sft=_read(root / paths.METRICS / "sft.json", "sft"),
+        reward={p: _read(root / paths.reward_metrics(p), f"reward@{p}") for p in precisions},
+        ppo={p: _read(root / paths.ppo_metrics(p), f"ppo@{p}") for p in precisions},
+        eval=_read(root / paths.EVAL_METRICS, "evaluate"),
+        curves={p: read_curve(root / paths.ppo_eval_curve(p)) for p in precisions},
+        data_source=data_source, judge=judge)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    from tabulate import tabulate
+
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def data_table(run: RunMetrics) -> str:
+    d = run.data
+    rows = [[s, fmt(d.get(f"{s}_count")), fmt(d.get(f"{s}_mean_prompt_chars")), fmt(d.get(f"{s}_mean_chosen_chars")),
+             fmt(d.get(f"{s}_mean_rejected_chars"))] for s in SPLITS if f"{s}_count" in d]
+    return _table(rows, ["split", "records", "mean prompt chars", "mean chosen chars", "mean rejected chars"])
+
+
+def sft_table(run: RunMetrics) -> str:
+    s = run.sft
+    rows = [["eval loss (base → SFT)", arrow(s.get("base_eval_loss"), s.get("eval_loss"))],
+            ["eval perplexity", fmt(s.get("eval_perplexity"))],
+            ["train loss", fmt(s.get("train_loss"))],
+            ["trainable / total params", f"{fmt(s.get('trainable_params'))} / {fmt(s.get('total_params'))}"],
+            ["optimizer steps", fmt(s.get("optimizer_steps"))],
+            ["wall time (s)", fmt(s.get("wall_time_s"))],
+            ["peak VRAM (GB)", fmt(s.get("peak_vram_gb"))]]
+    return _table(rows, ["SFT", "value"])
+
+
+def reward_table(run: RunMetrics) -> str:
+    rows = []
+    for p in run.precisions:
+        m = run.reward[p]
+        rows.append([p, fmt(m.get("accuracy")), fmt(m.get("auc")), fmt(m.get("ece")), fmt(m.get("mean_margin")),
+                     fmt(m.get("model_memory_mb")), fmt(m.get("adapter_size_mb")), fmt(m.get("wall_time_s")),
+                     fmt(m.get("peak_vram_gb"))])
+    return _table(rows, ["RM precision", "accuracy", "AUC", "ECE", "mean margin", "memory (MiB)", "adapter (MiB)",
+                         "train time (s)", "peak VRAM (GB)"])
+
+
+def ppo_table(run: RunMetrics) -> str:
+    rows = []
+    for p in run.precisions:
+        m = run.ppo[p]
+        rows.append([p, arrow(m.get("proxy_reward_start"), m.get("proxy_reward_end")),
+                     arrow(m.get("eval_proxy_start"), m.get("eval_proxy_end")),
+                     arrow(m.get("eval_gold_start"), m.get("eval_gold_end")), fmt(m.get("kl_end")),
+                     fmt(m.get("entropy_end")), fmt(m.get("episodes")), fmt(m.get("episodes_per_s")),
+                     fmt(m.get("wall_time_s")), fmt(m.get("peak_vram_gb"))])
+    return _table(rows, ["PPO vs RM", "proxy reward (batch) start → end", "proxy (periodic eval) start → end",
+                         "gold (periodic eval) start → end", "KL end", "entropy end", "episodes", "episodes/s",
+                         "wall time (s)", "peak VRAM (GB)"])
+
+
+def eval_table(eval_metrics: dict, precisions: list[str]) -> str:
+    """The evaluation table: one row per policy (also printed at the end of `make smoke`)."""
+    names = ["sft"] + [f"ppo_{p}" for p in precisions if f"ppo_{p}" in eval_metrics]
+    has_gold = "gold_reward" in eval_metrics.get("sft", {})
+    rows = []
+    for n in names:
+        m = eval_metrics[n]
+        row = [n]
+        if has_gold:
+            row += [fmt_ci(m, "gold_reward"), fmt_ci(m, "win_rate_vs_sft")]
+        row += [fmt(m.get("proxy_reward"))] + [fmt(m.get(f"proxy_{p}")) for p in precisions]
+        row += [fmt(m.get("kl_to_sft")), fmt(m.get("response_tokens"))]
+        rows.append(row)
+    headers = ["policy"] + (["gold reward [lo, hi]", "win-rate vs SFT [lo, hi]"] if has_gold else [])
+    headers += ["proxy (own RM)"] + [f"proxy under {p}" for p in precisions] + ["KL to SFT", "response tokens"]
+    return _table(rows, headers)
+
+
+def agreement_table(run: RunMetrics) -> str:
+    rows = []
+    for p in run.precisions:
+        m = run.eval.get(f"rm_{p}")
+        if m:
+            rows.append([f"rm_{p}", fmt(m.get("spearman_vs_bf16")), fmt(m.get("choice_agreement_vs_bf16")),
+                         fmt(m.get("spearman_vs_bf16_eval"))])
+    return _table(rows, ["RM", "Spearman vs bf16 (rm_test)", "same choice as bf16 (rm_test pairs)",
+                         "Spearman vs bf16 (policy samples)"])
+
+
+# --------------------------------------------------------------------------- verdict
+
+
+def _signed(value: float) -> str:
+    return ("+" if value > 0 else "") + fmt(value)
+
+
+def hacking_flags(run: RunMetrics, precision: str) -> dict[str, bool]:
+    """Reward hacking = proxy up while gold down: during PPO (its periodic evaluation, start vs end) and on the
+    held-out eval prompts (PPO policy vs SFT). Absent keys: the numbers needed are missing."""
+    out = {}
+    m = run.ppo.get(precision, {})
+    if all(k in m for k in ("eval_proxy_start", "eval_proxy_end", "eval_gold_start", "eval_gold_end")):
+        out["during_ppo"] = m["eval_proxy_end"] > m["eval_proxy_start"] and m["eval_gold_end"] < m["eval_gold_start"]
+    e = run.eval.get(f"ppo_{precision}", {})
+    if "proxy_gain_vs_sft" in e and "gold_gain_vs_sft" in e:
+        out["eval"] = e["proxy_gain_vs_sft"] > 0 and e["gold_gain_vs_sft"] < 0
+    return out
+
+
+def _versus_sft(run: RunMetrics, p: str) -> str:
+    e, s = run.eval[f"ppo_{p}"], run.eval["sft"]
+    gain = e["gold_gain_vs_sft"]
+    word = "higher than" if gain > 0 else "lower than" if gain < 0 else "equal to"
+    above, below = e["win_rate_vs_sft_lo"] > 0.5, e["win_rate_vs_sft_hi"] < 0.5
+    wins = ("it wins more prompts than it loses (win-rate interval above even odds)" if above else
+            "it loses more prompts than it wins (win-rate interval below even odds)" if below else
+            "its win-rate interval includes even odds")
+    if (gain > 0 and above) or (gain < 0 and below):
+        conclusion = "a clear improvement" if gain > 0 else "clearly worse"
+    elif above or below:
+        conclusion = "mixed: mean gold and win-rate disagree (a few large gains or losses outweigh the rest)"
+    else:
+        conclusion = "not distinguishable from SFT on this eval set"
+    sig = f"{wins}: {conclusion}"
+    return (f"**ppo_{p}** scores gold {fmt_ci(e, 'gold_reward')}, {word} SFT's {fmt_ci(s, 'gold_reward')} "
+            f"(gain {_signed(gain)}); win-rate vs SFT {fmt_ci(e, 'win_rate_vs_sft')}, {sig}.")
+
+
+def _why_not(run: RunMetrics, p: str) -> str:
+    """Why a PPO policy did not beat SFT on gold reward, from its numbers."""
+    e, m = run.eval[f"ppo_{p}"], run.ppo[p]
+    reasons = []
+    if e.get("proxy_gain_vs_sft", 0) > 0:
+        reasons.append(f"its own reward model scores it above SFT (proxy gain {_signed(e['proxy_gain_vs_sft'])}) "
+                       "while the gold judge does not: the proxy gain did not carry over to the gold judge, i.e. "
+                       "PPO partly optimised the reward model's errors rather than the task")
+    else:
+        reasons.append(f"PPO did not even raise its own proxy reward on held-out prompts (proxy gain "
+                       f"{_signed(e.get('proxy_gain_vs_sft', 0.0))}): too little optimisation to help")
+    if e["win_rate_vs_sft_lo"] <= 0.5 <= e["win_rate_vs_sft_hi"]:
+        reasons.append(f"the difference is within the sampling noise of {fmt(run.eval.get('prompts'))} eval prompts")
+    if m.get("eval_gold_end") is not None and m.get("eval_gold_start") is not None and \
+            m["eval_gold_end"] > m["eval_gold_start"]:
+        reasons.append(f"PPO's own periodic check on a smaller prompt set saw gold rise "
+                       f"({arrow(m['eval_gold_start'], m['eval_gold_end'])}), which this larger held-out evaluation "
+                       "does not confirm")
+    return "; ".join(reasons)
+
+
+def verdict(run: RunMetrics) -> list[str]:
+    """Plain-language findings, each sentence computed from (and quoting only) metrics values."""
+    ev = run.eval
+    ppo_ps = [p for p in run.precisions if f"ppo_{p}" in ev]
+    lines: list[str] = []
+    if not run.has_gold:
+        lines.append(f"No gold judge is available for data.source={run.data_source or '?'} (eval.judge="
+                     f"{run.judge}): gold reward, win-rate and the reward-hacking check cannot be computed. A judge "
+                     "trained on the disjoint judge_train split is not implemented yet, so only proxy rewards are "
+                     "reported, and proxy rewards alone cannot tell alignment gains from reward hacking.")
+        for p in ppo_ps:
+            e = ev[f"ppo_{p}"]
+            if "proxy_gain_vs_sft" in e:
+                lines.append(f"ppo_{p}: proxy reward under its own RM {fmt(e['proxy_reward'])} "
+                             f"(gain {_signed(e['proxy_gain_vs_sft'])} over SFT) at KL {fmt(e['kl_to_sft'])}.")
+        return lines
+
+    for p in ppo_ps:
+        lines.append(_versus_sft(run, p))
+    if "bf16" in ppo_ps and ev["ppo_bf16"]["gold_gain_vs_sft"] <= 0:
+        lines.append(f"**The bf16 PPO policy did not beat SFT on gold reward.** Why: {_why_not(run, 'bf16')}.")
+
+    gainers = [p for p in ppo_ps if ev[f"ppo_{p}"].get("gold_gain_vs_sft", 0) > 0
+               and "gold_gain_per_kl" in ev[f"ppo_{p}"]]
+    if gainers:
+        best = max(gainers, key=lambda p: ev[f"ppo_{p}"]["gold_gain_per_kl"])
+        e = ev[f"ppo_{best}"]
+        lines.append(f"Best gold reward per unit of KL: the **{best}** reward model (gold gain "
+                     f"{_signed(e['gold_gain_vs_sft'])} for KL {fmt(e['kl_to_sft'])} nats, "
+                     f"{fmt(e['gold_gain_per_kl'])} gold per nat).")
+    else:
+        lines.append("No PPO policy raised gold reward over SFT, so no precision bought gold reward with its KL "
+                     "budget here.")
+
+    clean = []
+    for p in ppo_ps:
+        flags = hacking_flags(run, p)
+        m, e = run.ppo[p], ev[f"ppo_{p}"]
+        where = []
+        if flags.get("during_ppo"):
+            where.append(f"during PPO (its small periodic-eval set) proxy "
+                         f"{arrow(m['eval_proxy_start'], m['eval_proxy_end'])} while gold "
+                         f"{arrow(m['eval_gold_start'], m['eval_gold_end'])}")
+        if flags.get("eval"):
+            where.append(f"on eval_prompts proxy {_signed(e['proxy_gain_vs_sft'])} vs SFT while gold "
+                         f"{_signed(e['gold_gain_vs_sft'])}")
+        if not where:
+            clean.append(p)
+        elif flags.get("eval") and e.get("win_rate_vs_sft_hi", 1.0) < 0.5:
+            # held out, and the gold judge prefers SFT beyond the noise: the proxy gain is a real loss
+            lines.append(f"**Reward hacking at {p}** (proxy up, gold down): " + "; ".join(where) + ".")
+        else:
+            caveat = (f"; the held-out evaluation shows a gold gain of {_signed(e['gold_gain_vs_sft'])}"
+                      if e.get("gold_gain_vs_sft", 0) > 0 else "; the gold drop is within the noise of the eval set")
+            lines.append(f"Possible reward hacking at {p} (weak evidence): " + "; ".join(where) + caveat + ".")
+    if clean:
+        lines.append("No reward hacking (proxy up while gold down) at: " + ", ".join(clean) + ".")
+
+    if "ppo_bf16" in ev:
+        for p in ppo_ps:
+            if p == "bf16" or f"rm_{p}" not in ev:
+                continue
+            a, e, b = ev[f"rm_{p}"], ev[f"ppo_{p}"], ev["ppo_bf16"]
+            cmp = "above" if e["gold_reward"] > b["gold_reward"] else "below" if e["gold_reward"] < b["gold_reward"] \
+                else "equal to"
+            agree = (f"the {p} RM makes the same choice as bf16 on {fmt(a['choice_agreement_vs_bf16'])} of rm_test "
+                     f"pairs (Spearman {fmt(a.get('spearman_vs_bf16'))})")
+            lines.append(f"Quantization {p}: {agree}; its PPO policy reaches gold {fmt(e['gold_reward'])}, {cmp} "
+                         f"the bf16-RM policy's {fmt(b['gold_reward'])}.")
+    lines.append(f"Intervals: {fmt(ev.get('interval_level_pct'))} % percentile bootstrap over "
+                 f"{fmt(ev.get('prompts'))} eval prompts ({fmt(ev.get('bootstrap_samples'))} resamples). Small "
+                 "eval sets give wide intervals: read overlapping intervals as no evidence either way.")
+    return lines
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def _save(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    os.replace(tmp, path)
+
+
+def chart_gold_vs_kl(run: RunMetrics, path: Path) -> None:
+    """Gold (and proxy) reward against KL to SFT per precision: the PPO stage's periodic evaluations as lines,
+    the final held-out evaluation as a marker with its interval (Gao et al. style over-optimisation view)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = (["gold"] if run.has_gold else []) + ["proxy"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    colors = dict(zip(run.precisions, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for ax, key in zip(axes[0], keys, strict=True):
+        for p in run.precisions:
+            rows = [r for r in run.curves.get(p, []) if key in r and "kl" in r]
+            if rows:
+                ax.plot([r["kl"] for r in rows], [r[key] for r in rows], "o-", color=colors[p], alpha=0.7,
+                        label=f"PPO@{p} (periodic eval)")
+            e = run.eval.get(f"ppo_{p}", {})
+            if key == "gold" and "gold_reward" in e:
+                ax.errorbar([e["kl_to_sft"]], [e["gold_reward"]],
+                            yerr=[[e["gold_reward"] - e["gold_reward_lo"]], [e["gold_reward_hi"] - e["gold_reward"]]],
+                            fmt="*", ms=12, color=colors[p], capsize=4, label=f"ppo_{p} (eval_prompts)")
+        s = run.eval.get("sft", {})
+        if key == "gold" and "gold_reward" in s:
+            ax.errorbar([0.0], [s["gold_reward"]], yerr=[[s["gold_reward"] - s["gold_reward_lo"]],
+                                                         [s["gold_reward_hi"] - s["gold_reward"]]],
+                        fmt="s", color="black", capsize=4, label="sft (eval_prompts)")
+        ax.set_xlabel("KL to SFT (nats)")
+        ax.set_ylabel(f"{key} reward")
+        ax.set_title(f"{key} reward vs KL")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def chart_eval(run: RunMetrics, path: Path) -> None:
+    """Headline comparison on eval_prompts: gold reward and win-rate vs SFT per policy with their intervals
+    (proxy reward under each policy's own RM when there is no gold judge)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = run.policies()
+    ev = run.eval
+    if run.has_gold:
+        panels = [("gold_reward", "gold reward"), ("win_rate_vs_sft", "win-rate vs SFT (ties half)")]
+    else:
+        panels = [("proxy_reward", "proxy reward (own RM; SFT under bf16)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        vals = [ev[n][key] for n in names]
+        err = None
+        if all(f"{key}_lo" in ev[n] for n in names):
+            err = [[ev[n][key] - ev[n][f"{key}_lo"] for n in names], [ev[n][f"{key}_hi"] - ev[n][key] for n in names]]
+        ax.bar(names, vals, yerr=err, capsize=5, color=["grey"] + ["C0", "C1", "C2", "C3"][:len(names) - 1])
+        if key == "win_rate_vs_sft":
+            ax.axhline(0.5, color="black", lw=0.8, ls="--")
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="x", rotation=20)
+    _save(fig, path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def build_summary(run: RunMetrics) -> str:
+    """The markdown of reports/summary.md."""
+    parts = ["# EdgeRLHF run summary: what does reward-model quantization do to alignment?", "",
+             f"Data source `{run.data_source}`, reward-model precisions {', '.join(run.precisions)}, gold judge: "
+             + ("the rule-based gold scorer of the synthetic task" if run.has_gold and run.data_source == "synthetic"
+                else "available" if run.has_gold else f"none (eval.judge={run.judge})") + ". "
+             "Every number below is read from `metrics/*.json`; see `reports/samples.jsonl` for every response "
+             "and score.", "",
+             "## Verdict", ""]
+    parts += [f"- {line}" for line in verdict(run)]
+    parts += ["", f"![gold and proxy reward vs KL]({paths.CHART_GOLD_VS_KL.name})",
+              f"![evaluation comparison]({paths.CHART_EVAL.name})", "",
+              "## Evaluation on held-out eval_prompts", "",
+              "Same sampling settings and seed for every policy. Gold: independent judge; proxy: raw score of the "
+              "reward model (own RM for PPO policies, bf16 for SFT); KL: sequence-level, mean over samples of the "
+              "summed log-ratio to SFT; intervals: percentile bootstrap over prompts.", "",
+              eval_table(run.eval, run.precisions), "",
+              "## Reward-model agreement with bf16", "",
+              agreement_table(run), "",
+              "## Data", "", data_table(run), "",
+              "## SFT", "", sft_table(run), "",
+              "## Reward models (rm_test)", "", reward_table(run), "",
+              "## PPO runs", "",
+              "Batch proxy reward = mean raw RM score of the training batch; periodic eval = the PPO stage's fixed "
+              "prompt subset scored by the proxy RM and the gold judge.", "",
+              ppo_table(run), ""]
+    return "\n".join(parts)
+
+
+def write_report(run: RunMetrics, metrics_dir: Path, out_dir: Path) -> str:
+    """Write summary.md and the charts into `out_dir`; fail if the summary holds a number not in the metrics."""
+    text = build_summary(run)
+    bad = unsupported_numbers(text, metric_values(metrics_dir))
+    if bad:
+        raise EdgeRLHFError(f"report: summary.md would contain numbers not in any metrics file: {sorted(set(bad))}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chart_gold_vs_kl(run, out_dir / paths.CHART_GOLD_VS_KL.name)
+    chart_eval(run, out_dir / paths.CHART_EVAL.name)
+    target = out_dir / paths.SUMMARY.name
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+    return text

@@ -1,0 +1,25 @@
+"""Stage `evaluate`: SFT and every PPO policy on eval_prompts, scored by every proxy RM and the gold judge."""
+
+from edgerlhf import data, modeling, paths
+from edgerlhf.config import load_params
+from edgerlhf.evaluation import run_evaluation
+from edgerlhf.runtime import Timer, log, remove_outputs, run_stage, seed_everything, write_json
+
+
+def main() -> None:
+    params = load_params()
+    seed_everything(params.seed)
+    device = modeling.resolve_device(params.hardware)
+    modeling.require_dir(paths.SFT_MERGED, "sft", "config.json")
+    log.info("policies sft + ppo@{%s}, reward models %s, device %s", ",".join(params.reward.precisions),
+             ",".join(params.reward.precisions), device.describe())
+    remove_outputs(paths.EVAL_METRICS, paths.SAMPLES)
+    timer = Timer()
+    metrics, samples = run_evaluation(params, device)
+    data.write_jsonl(paths.SAMPLES, samples)
+    write_json(paths.EVAL_METRICS, {**metrics, **timer.metrics()})
+    log.info("wrote %s and %s (%d rows)", paths.EVAL_METRICS, paths.SAMPLES, len(samples))
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", main)
