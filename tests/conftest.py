@@ -12,6 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tests never touch the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Tiny models gain nothing from threads, and oversubscribed OpenMP threads (a stage subprocess next to the test
+# process, or parallel jobs on 2 cores) slow their small matmuls by an order of magnitude. Set before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def tool_env() -> dict:

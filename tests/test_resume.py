@@ -127,6 +127,8 @@ def test_last_trainer_checkpoint_skips_incomplete_ones(tmp_path):
 
 
 def _copy_with(pipeline_run: Path, dest: Path, section: str, checkpoint_every: int) -> Path:
+    """A copy of the finished run with another checkpoint interval (which also keeps `dvc repro` from restoring
+    the stage's outputs from DVC's run cache instead of running it)."""
     shutil.copytree(pipeline_run, dest, symlinks=True)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params[section]["checkpoint_every"] = checkpoint_every
