@@ -16,7 +16,7 @@ HF_CACHE ?= $(HOME)/.cache/huggingface
 DOCKER_RUN := docker run --rm --init --user "$$(id -u):$$(id -g)" -v "$(CURDIR)":/workspace
 TORCH_CPU_WHEELS ?= https://download.pytorch.org/whl/cpu/torch/
 
-.PHONY: setup all smoke test lint metrics diff plots bench clean lock docker-build docker-all docker-smoke generate export
+.PHONY: setup all smoke test test-extra lint metrics diff plots bench clean lock docker-build docker-all docker-smoke generate export
 
 # Inside the image (EDGERLHF_IMAGE=1) the environment already exists: don't build a .venv in the mounted repo.
 ifeq ($(EDGERLHF_IMAGE),1)
@@ -40,8 +40,12 @@ all: setup
 smoke: setup
 	$(BIN)/python -m edgerlhf.smoke
 
+# The suite (<= 5 min on 2 cores); test-extra adds the slower variants (CI runs both).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not extra" --durations=8
+
+test-extra: setup
+	$(BIN)/python -m pytest -q -m extra
 
 lint: setup
 	$(BIN)/ruff check edgerlhf stages tests

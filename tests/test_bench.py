@@ -13,7 +13,7 @@ PRECISIONS = ["bf16", "int8", "int4"]
 MEMORY_KEYS = ["base_weights_bytes", "adapter_bytes", "optimizer_state_bytes", "gradient_bytes", "activations_bytes",
                "activations_measured", "reward_model_bytes", "reference_copy_bytes", "static_bytes",
                "static_allocated_bytes", "rollout_transient_bytes"]
-pytestmark = pytest.mark.slow  # one reduced benchmark run (~45 s on 2 cores)
+pytestmark = [pytest.mark.slow, pytest.mark.extra]  # one reduced benchmark run (~45 s on 2 cores)
 
 
 @pytest.fixture(scope="module")
