@@ -320,6 +320,21 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None)
     return parse_params(raw)
 
 
+def load_precision_stage(description: str, argv: list[str] | None = None) -> tuple[str, Params]:
+    """For the per-precision stages (reward@P, ppo@P): the precision argument and the validated params;
+    a precision not in reward.precisions is a ConfigError."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("precision")
+    precision = parser.parse_args(argv).precision
+    params = load_params()
+    if precision not in PRECISIONS or precision not in params.reward.precisions:
+        raise ConfigError(f"precision {precision!r} is not in reward.precisions "
+                          f"({', '.join(params.reward.precisions)})")
+    return precision, params
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     """Return `base` with `override` merged in, recursively for mappings."""
     out = dict(base)

@@ -1,22 +1,13 @@
 """Stage `reward@P`: reward model at precision P (bf16 / int8 / int4) trained from the merged SFT model."""
 
-import argparse
-
 from edgerlhf import data, modeling, paths, resume
-from edgerlhf.config import PRECISIONS, load_params
-from edgerlhf.errors import ConfigError
+from edgerlhf.config import load_precision_stage
 from edgerlhf.reward import train_reward
 from edgerlhf.runtime import Timer, atomic_dir, log, remove_outputs, run_stage, seed_everything, write_csv, write_json
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("precision")
-    precision = parser.parse_args().precision
-    params = load_params()
-    if precision not in PRECISIONS or precision not in params.reward.precisions:
-        raise ConfigError(f"precision {precision!r} is not in reward.precisions "
-                          f"({', '.join(params.reward.precisions)})")
+    precision, params = load_precision_stage(__doc__)
     seed_everything(params.seed)
     device = modeling.resolve_device(params.hardware)
     modeling.require_dir(paths.SFT_MERGED, "sft", "config.json")
