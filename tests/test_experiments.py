@@ -8,7 +8,7 @@ import yaml
 
 from tests.conftest import tool_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extra]  # ~30 s: `make test-extra` (CI runs it)
 
 
 def sh(cwd, *cmd: str) -> str:

@@ -188,6 +188,7 @@ def test_killed_ppo_stage_resumes_to_the_uninterrupted_metrics(pipeline_run, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.extra  # the ppo variant above covers kill/resume in `make test`; CI runs this one too
 def test_killed_sft_stage_resumes_to_the_uninterrupted_metrics(pipeline_run, tmp_path):
     """sft (HF Trainer: optimizer, scheduler, RNG and data position restored), checkpoint every 30 steps,
     SIGKILLed after the first: base_eval_loss, losses and the logged curve equal the uninterrupted run's."""
