@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgerlhf import data, modeling, paths, ppo
+from edgerlhf import data, modeling, paths, ppo, runtime
 from edgerlhf import metrics as M
 from edgerlhf.config import Params, PPOParams
 from edgerlhf.errors import ArtifactError, ConfigError
@@ -88,7 +88,7 @@ def generate(policy: ppo.PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequ
 
     eos_id, pad_id = tokenizer.eos_token_id, ppo._pad_id(tokenizer)
     ppo.configure_sampling(policy, sampling, eos_id, pad_id)
-    ppo.seed_everything(seed)  # python + torch (CPU and CUDA): identical noise for every policy
+    runtime.seed_everything(seed)  # python + torch (CPU and CUDA): identical noise for every policy
     out = Generations([], [], [], [])
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):

@@ -116,11 +116,6 @@ def check_precision_supported(precision: str, device: Device) -> None:
             "remove int8 from reward.precisions")
 
 
-def weight_dtype(precision: str, device: Device) -> torch.dtype:
-    """Storage dtype of unquantized weights: 'bf16' means 16-bit on GPU; CPU computes in fp32 (the dtype rule)."""
-    return device.dtype
-
-
 def quantization_config(precision: str, device: Device):
     """bitsandbytes config for int8 (LLM.int8) / int4 (nf4 + double quant); None for bf16."""
     from transformers import BitsAndBytesConfig

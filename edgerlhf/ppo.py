@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from edgerlhf import runtime
 from edgerlhf.config import PPOParams
 from edgerlhf.errors import ArtifactError, ConfigError, EdgeRLHFError
 
@@ -559,18 +560,6 @@ class PPOResult:
     evals: list[dict[str, float]] = field(default_factory=list)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy (if present) and torch (CPU and CUDA) RNGs."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def derived_seed(seed: int, *keys: object) -> int:
     """A 64-bit seed for the RNG stream that `keys` name under `seed` (stable across runs and platforms)."""
     text = "/".join(map(str, (seed, *keys)))
@@ -665,7 +654,7 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
     _check_length(policy, prompts, params)
     device = torch.device(device)
     eos_id, pad_id = tokenizer.eos_token_id, _pad_id(tokenizer)
-    seed_everything(seed)
+    runtime.seed_everything(seed)
     shuffle_rng = torch.Generator().manual_seed(seed)  # minibatch shuffles (and the score-normalisation sample)
     configure_sampling(policy, params, eos_id, pad_id)
     start_time = time.perf_counter()

@@ -22,15 +22,6 @@ PAD, EOS, TARGET = 0, 1, 3
 UPDATES, BATCH = 30, 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: OpenMP threads only add overhead, and on a busy 2-core box they spin-wait (10-100x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def count_target(query, query_mask, response, response_mask):
     return ((response == TARGET) & response_mask.bool()).sum(1).float()
 

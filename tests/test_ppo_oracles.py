@@ -24,15 +24,6 @@ from edgerlhf.errors import ConfigError
 PAD, EOS, TARGET = 0, 1, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: OpenMP threads only add overhead, and on a busy 2-core box they spin-wait (10-100x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def t(*values: float) -> torch.Tensor:
     return torch.tensor([list(values)], dtype=torch.float64)
 
