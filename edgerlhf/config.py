@@ -86,6 +86,7 @@ class HardwareParams:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     vram_budget_gb: float = _f(8.0, lo=0.0)
+    num_processes: int = _f(1, lo=1, doc="processes (DDP) of the training stages sft, reward@P, ppo@P; one per GPU")
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,11 @@ class Device:
     dtype: torch.dtype
     name: str
     capability: tuple[int, int] | None = None
+    index: int = 0  # the GPU's index (a DDP process uses the GPU of its local rank)
 
     @property
     def torch_device(self) -> torch.device:
-        return torch.device("cuda:0" if self.type == "cuda" else "cpu")
+        return torch.device(f"cuda:{self.index}" if self.type == "cuda" else "cpu")
 
     @property
     def dtype_name(self) -> str:
@@ -68,15 +69,21 @@ def choose_dtype(device_type: str, capability: tuple[int, int] | None, requested
     return DTYPES[requested]
 
 
-def resolve_device(hw: HardwareParams) -> Device:
+def resolve_device(hw: HardwareParams, local_rank: int = 0) -> Device:
     """Pick CUDA when present (or as params say), else CPU, the compute dtype by `choose_dtype`, and cap this
-    process's GPU memory to hardware.vram_budget_gb (see `apply_vram_budget`)."""
+    process's GPU memory to hardware.vram_budget_gb (see `apply_vram_budget`). `local_rank`: which GPU a DDP
+    process uses (edgerlhf.distributed)."""
     want = hw.device
     if want == "cuda" and not torch.cuda.is_available():
         raise HardwareError("hardware.device is cuda but no CUDA GPU is visible; set hardware.device: auto or cpu")
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        cap = torch.cuda.get_device_capability(0)
-        device = Device("cuda", choose_dtype("cuda", cap, hw.dtype), torch.cuda.get_device_name(0), cap)
+        if local_rank >= torch.cuda.device_count():
+            raise HardwareError(f"process {local_rank} needs GPU {local_rank} but {torch.cuda.device_count()} are "
+                                "visible; lower hardware.num_processes to the number of GPUs")
+        torch.cuda.set_device(local_rank)
+        cap = torch.cuda.get_device_capability(local_rank)
+        device = Device("cuda", choose_dtype("cuda", cap, hw.dtype), torch.cuda.get_device_name(local_rank), cap,
+                        local_rank)
     else:
         device = Device("cpu", choose_dtype("cpu", None, hw.dtype), "cpu")
     apply_vram_budget(hw.vram_budget_gb, device)
@@ -98,12 +105,12 @@ def apply_vram_budget(budget_gb: float, device: Device) -> None:
         log.info("hardware.vram_budget_gb=%g: no GPU, the VRAM cap does not apply (peak_vram_gb recorded as 0.0)",
                  budget_gb)
         return
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    total = torch.cuda.get_device_properties(device.index).total_memory / 2**30
     fraction = vram_fraction(budget_gb, total)
     if fraction is None:
         log.info("hardware.vram_budget_gb=%g: no VRAM cap needed on this %.1f GB GPU", budget_gb, total)
         return
-    torch.cuda.set_per_process_memory_fraction(fraction, 0)
+    torch.cuda.set_per_process_memory_fraction(fraction, device.index)
     log.info("VRAM capped at %.2f GB of %.1f GB (hardware.vram_budget_gb)", budget_gb, total)
 
 

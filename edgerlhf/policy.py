@@ -13,6 +13,7 @@ import yaml
 
 from edgerlhf import data, modeling, paths, ppo
 from edgerlhf.config import Params, to_dict
+from edgerlhf.distributed import SINGLE, Processes
 from edgerlhf.judge import gold_judge
 from edgerlhf.modeling import Device
 
@@ -60,9 +61,10 @@ def _finite(x: float) -> float:
 
 
 def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, *, checkpoint_dir: Path | None = None,
-            fingerprint: str = "") -> tuple[dict, list[dict], list[dict]]:
+            fingerprint: str = "", procs: Processes = SINGLE) -> tuple[dict, list[dict], list[dict]]:
     """Train the PPO policy against reward@precision; save it to `out_dir`. Returns (metrics, curves, evals).
-    checkpoint_dir / fingerprint: resumable checkpoints every ppo.checkpoint_every updates (see train_ppo)."""
+    checkpoint_dir / fingerprint: resumable checkpoints every ppo.checkpoint_every updates (see train_ppo).
+    procs: this process's place in a DDP run (each process samples its own episodes; see train_ppo)."""
     tokenizer = modeling.load_tokenizer(paths.SFT_MERGED, params.model.trust_remote_code)
     base = load_policy_base(params, device)
     policy = ppo.build_policy(base, params.ppo, modeling.lora_targets(base, params.lora.target_modules))
@@ -75,13 +77,15 @@ def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, *, ch
     eval_records = data.read_split(paths.split_file("eval_prompts"))
     gold = gold_judge(params)
     trainable, total = modeling.count_params(policy)
-    log.info("PPO: %d prompts, %d updates of %d episodes, %d trainable params (LoRA r=%d + value head), gold "
-             "judge: %s", len(prompts), params.ppo.total_episodes // params.ppo.batch_size, params.ppo.batch_size,
+    per_update = params.ppo.batch_size * procs.world_size
+    log.info("PPO: %d prompts, %d updates of %d episodes (%s), %d trainable params (LoRA r=%d + value head), "
+             "gold judge: %s", len(prompts), params.ppo.total_episodes // per_update, per_update, procs.describe(),
              trainable, params.ppo.lora_r, "rules" if gold else "none")
     result = ppo.train_ppo(policy, tokenizer, prompts, score_fn, params.ppo, device=device.torch_device,
                            seed=params.seed, gold_fn=gold,
                            eval_prompts=tokenize_prompts(tokenizer, eval_records) if gold else None,
-                           checkpoint_dir=checkpoint_dir, fingerprint=fingerprint)
+                           checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, procs=procs,
+                           progress=procs.is_main)
 
     ppo.save_policy(policy, out_dir, (result.score_mean, result.score_std))
     tokenizer.save_pretrained(out_dir)

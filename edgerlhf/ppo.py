@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from edgerlhf import runtime
 from edgerlhf.config import PPOParams
+from edgerlhf.distributed import SINGLE, Processes
 from edgerlhf.errors import ArtifactError, ConfigError, EdgeRLHFError
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -531,13 +532,15 @@ def sample_and_score(policy: PolicyWithValue, prompts: Sequence[Sequence[int]], 
 
 def measure_score_stats(policy: PolicyWithValue, prompts: Sequence[Sequence[int]], score_fn: ScoreFn,
                         params: PPOParams, eos_token_id: int, pad_token_id: int, device: torch.device | str,
-                        generator: torch.Generator) -> tuple[float, float]:
+                        generator: torch.Generator, procs: Processes = SINGLE) -> tuple[float, float]:
     """Mean and std of the raw score over `score_norm_samples` samples of the SFT policy (adapter off).
-    Normalising by them puts RMs of different precision (and scale) on one footing."""
+    Normalising by them puts RMs of different precision (and scale) on one footing. In a DDP run every process
+    draws its own samples and the statistics are taken over all of them, so every process uses the same."""
     order = torch.randperm(len(prompts), generator=generator).tolist()
     chosen = [prompts[order[i % len(order)]] for i in range(params.score_norm_samples)]
     _, scores = sample_and_score(policy, chosen, score_fn, eos_token_id, pad_token_id, params.batch_size, device,
                                  reference=True)
+    scores = procs.gather(scores)
     std = scores.std().item()
     # a constant score (std 0) would blow the normalised score up; keep its scale instead
     return scores.mean().item(), std if std > 1e-8 else 1.0
@@ -607,14 +610,14 @@ def _pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def _check_params(params: PPOParams, n_prompts: int) -> None:
+def _check_params(params: PPOParams, n_prompts: int, world_size: int = 1) -> None:
     step = params.mini_batch_size * params.gradient_accumulation_steps
     if params.batch_size % step:
         raise ConfigError(f"ppo.batch_size ({params.batch_size}) must be a multiple of ppo.mini_batch_size * "
                           f"ppo.gradient_accumulation_steps ({step})")
-    if params.total_episodes < params.batch_size:
+    if params.total_episodes < params.batch_size * world_size:
         raise ConfigError(f"ppo.total_episodes ({params.total_episodes}) must be >= ppo.batch_size "
-                          f"({params.batch_size})")
+                          f"({params.batch_size}) * hardware.num_processes ({world_size})")
     if n_prompts == 0:
         raise ConfigError("PPO got no prompts: check the ppo_prompts split")
 
@@ -628,12 +631,26 @@ def _check_length(policy: PolicyWithValue, prompts: Sequence[Sequence[int]], par
                           f"exceeds the model's {limit} positions: shorten prompts or lower ppo.response_length")
 
 
+# Stats that are the same in every process (the rest are averaged over the processes' episodes).
+SHARED_STATS = ("update", "episodes", "beta", "lr")
+
+
+def mean_over_processes(stats: dict[str, float], procs: Processes) -> dict[str, float]:
+    """An update's stats over the episodes of all processes: each process's batch mean, averaged (equal batches).
+    ratio_dev_first and skipped_steps become means too; with one process the stats are returned as they are."""
+    if procs.world_size == 1:
+        return stats
+    keys = [k for k in stats if k not in SHARED_STATS]
+    means = procs.mean(torch.tensor([stats[k] for k in keys], dtype=torch.float64)).tolist()
+    return {**stats, **dict(zip(keys, means, strict=True))}
+
+
 def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequence[int]], score_fn: ScoreFn,
               params: PPOParams, *, device: torch.device | str, seed: int,
               on_log: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True,
               gold_fn: GoldFn | None = None, eval_prompts: Sequence[Sequence[int]] | None = None,
               score_stats: tuple[float, float] | None = None, checkpoint_dir: str | Path | None = None,
-              fingerprint: str = "") -> PPOResult:
+              fingerprint: str = "", procs: Processes = SINGLE, loss_scaling: bool | None = None) -> PPOResult:
     """Run PPO on `policy` for total_episodes // batch_size updates; returns the per-update stats.
 
     prompts / eval_prompts: token-id lists (already formatted and tokenized). score_fn: raw scores of a batch
@@ -647,31 +664,46 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
     checkpoint_dir: every checkpoint_every updates the loop's whole state goes to checkpoint_dir/CHECKPOINT_FILE,
     and a run that finds one there (made with the same fingerprint, params, seed and prompt count) continues from
     it: the result equals an uninterrupted run's. Deleting it once the outputs are saved is the caller's job.
+    procs: in a DDP run (edgerlhf.distributed) each process samples its own ppo.batch_size episodes per update
+    (an update is batch_size * world_size episodes), gradients are averaged over the processes before every
+    optimizer step, and the logged stats are means over all processes' episodes; every replica takes the same steps.
+    loss_scaling: dynamic loss scaling (torch GradScaler) of the backward pass; default: when the backbone is fp16,
+    whose small gradients would otherwise underflow to zero.
     """
     from tqdm.auto import tqdm
 
-    _check_params(params, len(prompts))
+    world, rank = procs.world_size, procs.rank
+    _check_params(params, len(prompts), world)
     _check_length(policy, prompts, params)
     device = torch.device(device)
     eos_id, pad_id = tokenizer.eos_token_id, _pad_id(tokenizer)
-    runtime.seed_everything(seed)
-    shuffle_rng = torch.Generator().manual_seed(seed)  # minibatch shuffles (and the score-normalisation sample)
+    # Each process samples its own episodes (process 0 exactly as a single-process run does).
+    runtime.seed_everything(seed + rank)
+    shuffle_rng = torch.Generator().manual_seed(seed + rank)  # minibatch shuffles (and the score-normalisation sample)
     configure_sampling(policy, params, eos_id, pad_id)
     start_time = time.perf_counter()
 
     trainable = [p for p in policy.parameters() if p.requires_grad]
+    procs.broadcast_parameters(trainable)  # the replicas were built alike; make certain they start identical
     # weight_decay 0 as in TRL's PPO: decaying LoRA weights would pull the policy towards SFT behind beta's back
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, eps=params.adam_eps, weight_decay=0.0)
+    if loss_scaling is None:
+        loss_scaling = next(policy.model.get_base_model().parameters()).dtype == torch.float16
+    # Disabled, the scaler is the identity: scale() returns the loss, step() is optimizer.step().
+    scaler = torch.amp.GradScaler(device.type, enabled=loss_scaling)
     kl_ctl = make_kl_controller(params)
-    num_updates = params.total_episodes // params.batch_size
+    episodes_per_update = params.batch_size * world
+    num_updates = params.total_episodes // episodes_per_update
     minibatch_episodes = params.mini_batch_size * params.gradient_accumulation_steps
     eval_set = list(eval_prompts[:params.eval_prompts]) if (gold_fn and eval_prompts) else []
     history: list[dict[str, float]] = []
     evals: list[dict[str, float]] = []
 
-    checkpoint = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir and params.checkpoint_every else None
+    checkpoint = (Path(checkpoint_dir) / checkpoint_name(procs)) if checkpoint_dir and params.checkpoint_every else None
     run_id = checkpoint_identity(fingerprint, params, seed, len(prompts))
-    resumed = load_checkpoint(checkpoint, run_id, policy, optimizer, kl_ctl, shuffle_rng) if checkpoint else None
+    resumed = None
+    if checkpoint is not None and agree_on_checkpoint(checkpoint, run_id, procs):
+        resumed = load_checkpoint(checkpoint, run_id, policy, optimizer, kl_ctl, shuffle_rng, scaler)
     if resumed is not None:
         # policy, optimizer, beta and every RNG are as they were after update `start`
         start, score_stats, history, evals = resumed
@@ -681,7 +713,8 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
         # Score normalisation: measured once, on the SFT policy, before any update.
         if score_stats is None:
             score_stats = ((0.0, 1.0) if not params.normalize_score else
-                           measure_score_stats(policy, prompts, score_fn, params, eos_id, pad_id, device, shuffle_rng))
+                           measure_score_stats(policy, prompts, score_fn, params, eos_id, pad_id, device, shuffle_rng,
+                                               procs))
         if eval_set and params.eval_every:
             evals.append({"update": 0.0, **_evaluate(policy, tokenizer, eval_set, score_fn, gold_fn, params, device,
                                                      seed + 1)})
@@ -698,7 +731,7 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
             group["lr"] = lr
 
         # -- 1. rollout: sample, then score and evaluate log-probs/values by separate no-grad forwards
-        episode = (update - 1) * params.batch_size
+        episode = (update - 1) * episodes_per_update + rank * params.batch_size  # this process's first episode
         batch_prompts = [prompts[i] for i in prompt_indices(len(prompts), seed, episode, params.batch_size)]
         query, query_mask = left_pad(batch_prompts, pad_id, device)
         ro = generate_responses(policy, query, query_mask, eos_id, pad_id)
@@ -727,7 +760,7 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
         input_ids, attention_mask = ro.input_ids, ro.attention_mask
         sums: dict[str, float] = {"policy_loss": 0.0, "value_loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0,
                                   "vf_clipfrac": 0.0, "grad_norm": 0.0}
-        n_micro, n_steps, ratio_dev_first = 0, 0, 0.0
+        n_micro, n_steps, n_skipped, ratio_dev_first = 0, 0, 0, 0.0
         for _epoch in range(params.ppo_epochs):
             perm = torch.randperm(params.batch_size, generator=shuffle_rng).to(device)
             for mb_start in range(0, params.batch_size, minibatch_episodes):
@@ -748,7 +781,7 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
                     if not torch.isfinite(loss):
                         raise EdgeRLHFError(f"PPO diverged: non-finite loss at update {update}; lower "
                                             "ppo.learning_rate or ppo.max_grad_norm")
-                    (loss / params.gradient_accumulation_steps).backward()
+                    scaler.scale(loss / params.gradient_accumulation_steps).backward()
                     if n_steps == 0:  # before the first optimizer step the policy IS the sampling policy
                         with torch.no_grad():
                             log_ratio = (logp_new - logp_old[idx]).abs() * m
@@ -757,9 +790,16 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
                                        ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac)):
                         sums[key] += value.item()
                     n_micro += 1
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
-                sums["grad_norm"] += float(grad_norm)
-                optimizer.step()
+                # every process now holds the gradient of its share of the minibatch: average them (DDP)
+                procs.all_reduce_gradients(trainable)
+                scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm))
+                if scaler.is_enabled() and not math.isfinite(grad_norm):
+                    n_skipped += 1  # fp16 overflow: the scaler skips this step and lowers its scale
+                else:
+                    sums["grad_norm"] += grad_norm
+                scaler.step(optimizer)
+                scaler.update()
                 n_steps += 1
         optimizer.zero_grad(set_to_none=True)
 
@@ -768,13 +808,13 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
             kl_sum = kl.sum(1)  # KL of each episode: sum over its tokens
             stats = {
                 "update": float(update),
-                "episodes": float(update * params.batch_size),
+                "episodes": float(update * episodes_per_update),
                 "score": raw_score.mean().item(),
                 "score_norm": score.mean().item(),
                 "kl": kl_sum.mean().item(),
                 "rlhf_reward": (score - beta * kl_sum).mean().item(),
                 "entropy": masked_mean(entropy, mask).item(),
-                **{k: v / (n_steps if k == "grad_norm" else n_micro) for k, v in sums.items()},
+                **{k: v / (max(n_steps - n_skipped, 1) if k == "grad_norm" else n_micro) for k, v in sums.items()},
                 "explained_variance": explained_variance(returns, values_old, mask),
                 # max |log rho| before the first optimizer step: 0 unless the training forward differs from the
                 # rollout forward (dropout, position ids, precision) -- PPO's clipping would then be biased
@@ -783,8 +823,10 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
                 "lr": lr,
                 "response_tokens": mask.sum(1).mean().item(),
                 "no_eos_fraction": (~ro.has_eos).float().mean().item(),
+                "skipped_steps": float(n_skipped),
             }
-        kl_ctl.update(stats["kl"], params.batch_size)
+            stats = mean_over_processes(stats, procs)
+        kl_ctl.update(stats["kl"], episodes_per_update)
         if eval_set and params.eval_every and (update % params.eval_every == 0 or update == num_updates):
             result = _evaluate(policy, tokenizer, eval_set, score_fn, gold_fn, params, device, seed + 1)
             evals.append({"update": float(update), **result})
@@ -799,12 +841,12 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
         # -- 5. checkpoint (not after the last update: the caller saves the result right away)
         if checkpoint and update % params.checkpoint_every == 0 and update < num_updates:
             save_checkpoint(checkpoint, run_id, update, policy, optimizer, kl_ctl, shuffle_rng, score_stats,
-                            history, evals)
+                            history, evals, scaler)
 
     policy.eval()
     wall = time.perf_counter() - start_time
-    episodes = num_updates * params.batch_size
-    episodes_run = (num_updates - start) * params.batch_size  # by this call: throughput of a resumed run is its own
+    episodes = num_updates * episodes_per_update
+    episodes_run = (num_updates - start) * episodes_per_update  # by this call: a resumed run's throughput is its own
     return PPOResult(history=history, score_mean=score_mean, score_std=score_std, episodes=episodes,
                      updates=num_updates, wall_time_s=wall, episodes_per_s=episodes_run / wall if wall > 0 else 0.0,
                      evals=evals)
@@ -820,13 +862,47 @@ def checkpoint_identity(fingerprint: str, params: PPOParams, seed: int, n_prompt
                        "prompts": n_prompts}, sort_keys=True)
 
 
+def checkpoint_name(procs: Processes) -> str:
+    """The checkpoint file of this process: in a DDP run each process keeps its own (its RNG states differ)."""
+    return CHECKPOINT_FILE if procs.world_size == 1 else f"checkpoint-rank{procs.rank}.safetensors"
+
+
+def checkpoint_update(path: Path, run_id: str) -> int | None:
+    """The update a readable checkpoint of this run was saved after; None if there is none (or not ours)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["state"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return None
+    return int(meta["update"]) if meta.get("run") == run_id else None
+
+
+def agree_on_checkpoint(path: Path, run_id: str, procs: Processes) -> bool:
+    """Whether every process has a checkpoint of the same update to resume from. A kill between two processes'
+    saves leaves them at different updates; then none resumes (and the stale files go) rather than diverge."""
+    updates = procs.gather_object(checkpoint_update(path, run_id))
+    if updates[0] is not None and len(set(updates)) == 1:
+        return True
+    if procs.world_size > 1 and any(u is not None for u in updates):
+        log.info("PPO: the processes' checkpoints are of different updates (%s); starting afresh", updates)
+    if path.is_file():
+        log.info("PPO: discarding the checkpoint %s: unreadable, or made for other params or inputs", path)
+        path.unlink()
+    return False
+
+
 def save_checkpoint(path: Path, run_id: str, update: int, policy: PolicyWithValue, optimizer: torch.optim.Optimizer,
                     kl_ctl: FixedKLController | AdaptiveKLController, shuffle_rng: torch.Generator,
                     score_stats: tuple[float, float], history: list[dict[str, float]],
-                    evals: list[dict[str, float]]) -> None:
+                    evals: list[dict[str, float]], scaler: torch.amp.GradScaler | None = None) -> None:
     """Everything the loop carries from one update to the next, in one safetensors file (no pickle): trainable
-    weights (LoRA + value head), AdamW moments, every RNG state as tensors; beta, score normalisation, history
-    and evaluations as JSON metadata. Written to a temporary file and renamed, so a kill never leaves half a one."""
+    weights (LoRA + value head), AdamW moments, every RNG state as tensors; beta, score normalisation, loss scale,
+    history and evaluations as JSON metadata. Written to a temporary file and renamed, so a kill never leaves half
+    a one."""
     import numpy as np
     from safetensors.torch import save_file
 
@@ -843,6 +919,7 @@ def save_checkpoint(path: Path, run_id: str, update: int, policy: PolicyWithValu
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(np_keys.astype(np.int64))
     meta = {"run": run_id, "update": update, "beta": kl_ctl.value, "score_stats": list(score_stats),
+            "grad_scaler": scaler.state_dict() if scaler is not None else {},
             "history": history, "evals": evals, "optim_param_groups": optim["param_groups"],
             "python_random": random.getstate(), "numpy_random": [np_kind, np_pos, np_has_gauss, np_gauss]}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -852,7 +929,8 @@ def save_checkpoint(path: Path, run_id: str, update: int, policy: PolicyWithValu
 
 
 def load_checkpoint(path: Path, run_id: str, policy: PolicyWithValue, optimizer: torch.optim.Optimizer,
-                    kl_ctl: FixedKLController | AdaptiveKLController, shuffle_rng: torch.Generator
+                    kl_ctl: FixedKLController | AdaptiveKLController, shuffle_rng: torch.Generator,
+                    scaler: torch.amp.GradScaler | None = None
                     ) -> tuple[int, tuple[float, float], list[dict[str, float]], list[dict[str, float]]] | None:
     """Restore `save_checkpoint`'s state into policy, optimizer, KL controller and RNGs; returns (update, score
     stats, history, evals), or None when there is no checkpoint or it was made for other work (then deleted)."""
@@ -885,6 +963,8 @@ def load_checkpoint(path: Path, run_id: str, policy: PolicyWithValue, optimizer:
     groups = [{**g, "betas": tuple(g["betas"])} for g in meta["optim_param_groups"]]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     kl_ctl.value = meta["beta"]
+    if scaler is not None and meta.get("grad_scaler"):
+        scaler.load_state_dict(meta["grad_scaler"])
     torch.set_rng_state(tensors["rng.torch"])
     shuffle_rng.set_state(tensors["rng.shuffle"])
     if torch.cuda.is_available():

@@ -25,6 +25,7 @@ from typing import Any
 
 from edgerlhf import paths
 from edgerlhf.config import Params, to_dict
+from edgerlhf.distributed import SINGLE, Processes
 
 log = logging.getLogger("edgerlhf")
 
@@ -59,10 +60,18 @@ def fingerprint(stage: str, params: Params, inputs: Iterable[str | Path]) -> str
     return digest.hexdigest()
 
 
-def claim(folder: str | Path, fp: str) -> Path:
+def claim(folder: str | Path, fp: str, procs: Processes = SINGLE) -> Path:
     """Make `folder` the work folder of the work `fp` names. A folder left by other work (other params or
-    inputs, or no fingerprint) is discarded, with a log line; one with the same fingerprint is kept to resume."""
+    inputs, or no fingerprint) is discarded, with a log line; one with the same fingerprint is kept to resume.
+    In a DDP run the main process does it while the others wait."""
     folder = Path(folder)
+    if procs.is_main:
+        _claim(folder, fp)
+    procs.barrier()
+    return folder
+
+
+def _claim(folder: Path, fp: str) -> None:
     marker = folder / FINGERPRINT_FILE
     if folder.exists():
         try:
@@ -79,12 +88,13 @@ def claim(folder: str | Path, fp: str) -> Path:
         tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps({"fingerprint": fp}) + "\n")
         os.replace(tmp, marker)
-    return folder
 
 
-def release(folder: str | Path) -> None:
-    """Delete a work folder and its checkpoints: the stage completed."""
-    shutil.rmtree(folder, ignore_errors=True)
+def release(folder: str | Path, procs: Processes = SINGLE) -> None:
+    """Delete a work folder and its checkpoints: the stage completed (in a DDP run: once every process is done)."""
+    procs.barrier()
+    if procs.is_main:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- HF Trainer stages (sft, reward)

@@ -21,9 +21,13 @@ log = logging.getLogger("edgerlhf")
 
 
 def setup_logging(stage: str) -> None:
-    """Log lines say which stage they come from; quiet the libraries' chatter."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{stage}] %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, force=True)
+    """Log lines say which stage they come from; quiet the libraries' chatter. In a DDP run (edgerlhf.launch)
+    the lines name the process, and only the main process logs progress: the others log warnings and errors."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    where = stage if world == 1 else f"{stage} rank {rank}/{world}"
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [{where}] %(message)s", datefmt="%H:%M:%S", stream=sys.stderr,
+                        force=True)
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -24,8 +24,8 @@ def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_re
               out_dir: Path, work_dir: Path, device: Device) -> tuple[dict, list[dict]]:
     """Train the SFT LoRA; write `adapter/` and `merged/` (SFT weights merged into the base) into `out_dir`.
 
-    Returns (metrics, per-step log). `base_eval_loss` is measured before training (LoRA B = 0, so the
-    model is exactly the base), which makes "SFT beats the base" checkable from the metrics file.
+    Returns (metrics, per-step log). `base_eval_loss` is the eval loss of the base model (the adapter switched
+    off), which makes "SFT beats the base" checkable from the metrics file.
     Checkpoints every sft.checkpoint_every steps into `work_dir` and resumes from the newest one found there
     (the caller makes sure it belongs to this work: `resume.claim`)."""
     from datasets import Dataset
@@ -58,13 +58,17 @@ def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_re
     log.info("SFT: %d train / %d eval examples, LoRA r=%d on %s, %d of %d params trainable",
              len(train_records), len(eval_records), params.lora.r, ",".join(targets), trainable, total)
 
-    base_eval = trainer.evaluate()["eval_loss"]  # before the checkpoint is loaded: the base model, as on a fresh run
     checkpoint = resume.last_trainer_checkpoint(work_dir) if sp.checkpoint_every else None
     if checkpoint is not None:
         log.info("SFT: resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_loss = resume.train_loss(trainer.state.log_history)
     eval_loss = trainer.evaluate()["eval_loss"]
+    # The base model is the trained model with its adapter switched off. Evaluated after training, not before:
+    # an evaluate() before train() marks the model as prepared, and accelerate then skips the DDP wrapper, so in a
+    # multi-process run the gradients would never be averaged (distributed.check_replicas caught it).
+    with trainer.model.disable_adapter():
+        base_eval = trainer.evaluate()["eval_loss"]
     log.info("SFT: eval loss %.4f (base %.4f), train loss %.4f", eval_loss, base_eval, train_loss)
 
     adapter_dir = out_dir / "adapter"

@@ -1,34 +1,39 @@
 """Stage `ppo@P`: PPO of the SFT policy against the reward model of precision P (our own PPO, edgerlhf.ppo)."""
 
-from edgerlhf import modeling, paths, resume
+from edgerlhf import distributed, modeling, paths, resume
 from edgerlhf.config import load_precision_stage
 from edgerlhf.policy import run_ppo
-from edgerlhf.runtime import Timer, atomic_dir, log, remove_outputs, run_stage, seed_everything, write_csv, write_json
+from edgerlhf.runtime import Timer, log, remove_outputs, run_stage, seed_everything, write_csv, write_json
 
 
 def main() -> None:
     precision, params = load_precision_stage(__doc__)
+    procs = distributed.init_processes(params.hardware)
     seed_everything(params.seed)
-    device = modeling.resolve_device(params.hardware)
+    device = modeling.resolve_device(params.hardware, procs.local_rank)
     modeling.require_dir(paths.SFT_MERGED, "sft", "config.json")
     modeling.require_dir(paths.reward_dir(precision), f"reward@{precision}", "adapter_config.json")
-    log.info("policy %s, reward model %s at %s, device %s", paths.SFT_MERGED, paths.reward_dir(precision),
-             precision, device.describe())
+    log.info("policy %s, reward model %s at %s, device %s, %s", paths.SFT_MERGED, paths.reward_dir(precision),
+             precision, device.describe(), procs.describe())
     curves, eval_curves = paths.PLOTS / "ppo" / f"{precision}.csv", paths.PLOTS / "ppo_eval" / f"{precision}.csv"
-    remove_outputs(paths.ppo_dir(precision), paths.ppo_metrics(precision), curves, eval_curves)
+    if procs.is_main:
+        remove_outputs(paths.ppo_dir(precision), paths.ppo_metrics(precision), curves, eval_curves)
     timer = Timer()
     stage = f"ppo@{precision}"
     inputs = [paths.SFT_MERGED, paths.reward_dir(precision), paths.split_file("ppo_prompts"),
               paths.split_file("eval_prompts")]
     fp = resume.fingerprint(stage, params, inputs)
-    work = resume.claim(resume.work_dir(stage), fp)
-    with atomic_dir(paths.ppo_dir(precision)) as out:
-        metrics, history, evals = run_ppo(params, precision, device, out, checkpoint_dir=work, fingerprint=fp)
-    write_csv(curves, history)
-    # Gold vs proxy reward against KL at the periodic evaluations (Gao et al. 2022 style over-optimisation view).
-    write_csv(eval_curves, evals)
-    write_json(paths.ppo_metrics(precision), {**metrics, **timer.metrics()})
-    resume.release(work)  # done: its checkpoints are no longer needed
+    work = resume.claim(resume.work_dir(stage), fp, procs)
+    with distributed.output_dir(paths.ppo_dir(precision), procs) as out:
+        metrics, history, evals = run_ppo(params, precision, device, out, checkpoint_dir=work, fingerprint=fp,
+                                          procs=procs)
+        distributed.check_replicas(out, out, procs)
+    if procs.is_main:
+        write_csv(curves, history)
+        # Gold vs proxy reward against KL at the periodic evaluations (Gao et al. 2022 style over-optimisation view).
+        write_csv(eval_curves, evals)
+        write_json(paths.ppo_metrics(precision), {**metrics, "num_processes": procs.world_size, **timer.metrics()})
+    resume.release(work, procs)  # done: its checkpoints are no longer needed
 
 
 if __name__ == "__main__":

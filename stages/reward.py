@@ -1,31 +1,37 @@
 """Stage `reward@P`: reward model at precision P (bf16 / int8 / int4) trained from the merged SFT model."""
 
-from edgerlhf import data, modeling, paths, resume
+from edgerlhf import data, distributed, modeling, paths, resume
 from edgerlhf.config import load_precision_stage
 from edgerlhf.reward import train_reward
-from edgerlhf.runtime import Timer, atomic_dir, log, remove_outputs, run_stage, seed_everything, write_csv, write_json
+from edgerlhf.runtime import Timer, log, remove_outputs, run_stage, seed_everything, write_csv, write_json
 
 
 def main() -> None:
     precision, params = load_precision_stage(__doc__)
+    procs = distributed.init_processes(params.hardware)
     seed_everything(params.seed)
-    device = modeling.resolve_device(params.hardware)
+    device = modeling.resolve_device(params.hardware, procs.local_rank)
     modeling.require_dir(paths.SFT_MERGED, "sft", "config.json")
-    log.info("model %s, precision %s, device %s", paths.SFT_MERGED, precision, device.describe())
-    remove_outputs(paths.reward_dir(precision), paths.reward_metrics(precision),
-                   paths.PLOTS / "reward" / f"{precision}.csv")
+    log.info("model %s, precision %s, device %s, %s", paths.SFT_MERGED, precision, device.describe(),
+             procs.describe())
+    if procs.is_main:
+        remove_outputs(paths.reward_dir(precision), paths.reward_metrics(precision),
+                       paths.PLOTS / "reward" / f"{precision}.csv")
     timer = Timer()
     stage = f"reward@{precision}"
     inputs = [paths.SFT_MERGED, paths.split_file("rm_train"), paths.split_file("rm_test")]
-    work = resume.claim(resume.work_dir(stage), resume.fingerprint(stage, params, inputs))
+    work = resume.claim(resume.work_dir(stage), resume.fingerprint(stage, params, inputs), procs)
     train = data.read_split(paths.split_file("rm_train"))
     test = data.read_split(paths.split_file("rm_test"))
-    with atomic_dir(paths.reward_dir(precision)) as out:
+    with distributed.output_dir(paths.reward_dir(precision), procs) as out:
         metrics, steps, scores = train_reward(params, paths.SFT_MERGED, precision, train, test, out, work, device)
         write_json(out / "rm_test_scores.json", scores)
-    write_csv(paths.PLOTS / "reward" / f"{precision}.csv", steps)
-    write_json(paths.reward_metrics(precision), {**metrics, **timer.metrics()})
-    resume.release(work)  # done: its checkpoints are no longer needed
+        distributed.check_replicas(out, out, procs)
+    if procs.is_main:
+        write_csv(paths.PLOTS / "reward" / f"{precision}.csv", steps)
+        write_json(paths.reward_metrics(precision), {**metrics, "num_processes": procs.world_size,
+                                                     **timer.metrics()})
+    resume.release(work, procs)  # done: its checkpoints are no longer needed
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def count_target(query, query_mask, response, response_mask):
     return ((response == TARGET) & response_mask.bool()).sum(1).float()
 
 
-def toy_run(beta: float, seed: int = 0) -> list[dict[str, float]]:
+def toy_setup(beta: float, seed: int = 0, updates: int = UPDATES, batch: int = BATCH):
+    """(policy, tokenizer, prompts, params) of the toy task."""
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(16)}, unk_token="t2"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t2")
@@ -38,12 +39,16 @@ def toy_run(beta: float, seed: int = 0) -> list[dict[str, float]]:
     prompts = [torch.randint(4, 16, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g).tolist()
                for _ in range(256)]
     params = PPOParams(
-        total_episodes=UPDATES * BATCH, batch_size=BATCH, mini_batch_size=16, gradient_accumulation_steps=2,
+        total_episodes=updates * batch, batch_size=batch, mini_batch_size=16, gradient_accumulation_steps=2,
         ppo_epochs=4, learning_rate=3e-3, lr_schedule="constant", adam_eps=1e-5, max_grad_norm=1.0,
         response_length=8, temperature=1.0, top_k=0, top_p=1.0, kl_control="fixed", init_kl_coef=beta,
         normalize_score=False, missing_eos_penalty=0.0, lora_r=8, lora_alpha=16, gradient_checkpointing=False,
         logprob_chunk_size=16)
-    policy = build_policy(model, params, ["c_attn", "c_proj", "c_fc"])
+    return build_policy(model, params, ["c_attn", "c_proj", "c_fc"]), tokenizer, prompts, params
+
+
+def toy_run(beta: float, seed: int = 0) -> list[dict[str, float]]:
+    policy, tokenizer, prompts, params = toy_setup(beta, seed)
     return train_ppo(policy, tokenizer, prompts, count_target, params, device="cpu", seed=seed,
                      progress=False).history
 
@@ -81,3 +86,21 @@ def test_stats_are_finite_and_batch_kl_non_negative(low_beta, high_beta):
         assert all(math.isfinite(v) for h in history for v in h.values())
         assert min(h["kl"] for h in history) >= -0.1
         assert history[0]["kl"] == 0.0
+
+
+def test_loss_scaling_is_undone_before_clipping_and_the_step():
+    """fp16 backbones train with dynamic loss scaling (GradScaler). Scaling by a power of two is exact in fp32, so
+    with scaling on, the run must equal the unscaled run: gradients unscaled before clipping (else the clip and
+    the logged grad_norm see 65536x the gradient) and no step skipped."""
+    runs = []
+    for loss_scaling in (False, True):
+        policy, tokenizer, prompts, params = toy_setup(0.05, updates=3)
+        history = train_ppo(policy, tokenizer, prompts, count_target, params, device="cpu", seed=0, progress=False,
+                            loss_scaling=loss_scaling).history
+        runs.append((history, [p.detach().clone() for p in policy.parameters() if p.requires_grad]))
+    (plain, plain_weights), (scaled, scaled_weights) = runs
+    assert [h["grad_norm"] for h in scaled] == pytest.approx([h["grad_norm"] for h in plain], rel=1e-5)
+    assert all(h["skipped_steps"] == 0 for h in scaled)
+    assert [h["score"] for h in scaled] == [h["score"] for h in plain]
+    for a, b in zip(plain_weights, scaled_weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
