@@ -94,7 +94,7 @@ def test_loss_scaling_is_undone_before_clipping_and_the_step():
     the logged grad_norm see 65536x the gradient) and no step skipped."""
     runs = []
     for loss_scaling in (False, True):
-        policy, tokenizer, prompts, params = toy_setup(0.05, updates=3)
+        policy, tokenizer, prompts, params = toy_setup(0.05, updates=2, batch=32)
         history = train_ppo(policy, tokenizer, prompts, count_target, params, device="cpu", seed=0, progress=False,
                             loss_scaling=loss_scaling).history
         runs.append((history, [p.detach().clone() for p in policy.parameters() if p.requires_grad]))
