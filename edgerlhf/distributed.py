@@ -26,8 +26,10 @@ from typing import Any
 
 import torch
 
-from edgerlhf.config import HardwareParams
+from edgerlhf import modeling
+from edgerlhf.config import HardwareParams, Params
 from edgerlhf.errors import ConfigError, EdgeRLHFError
+from edgerlhf.runtime import atomic_dir, seed_everything
 
 log = logging.getLogger("edgerlhf")
 
@@ -129,13 +131,19 @@ def init_processes(hw: HardwareParams) -> Processes:
     return procs
 
 
+def start_stage(params: Params) -> tuple[Processes, modeling.Device]:
+    """What a training stage does first: join its processes, seed, pick this process's device (under DDP its
+    own GPU) with the VRAM cap applied."""
+    procs = init_processes(params.hardware)
+    seed_everything(params.seed)
+    return procs, modeling.resolve_device(params.hardware, procs.local_rank)
+
+
 @contextlib.contextmanager
 def output_dir(final: str | Path, procs: Processes) -> Iterator[Path]:
     """Where a process writes a stage's output folder: on the main process a temporary folder that replaces
     `final` when the block succeeds (runtime.atomic_dir); on the others a scratch folder deleted afterwards.
     Every process saves its replica, so `check_replicas` can compare the saved files."""
-    from edgerlhf.runtime import atomic_dir
-
     if procs.is_main:
         with atomic_dir(final) as tmp:
             yield tmp

@@ -703,7 +703,7 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
     run_id = checkpoint_identity(fingerprint, params, seed, len(prompts))
     resumed = None
     if checkpoint is not None and agree_on_checkpoint(checkpoint, run_id, procs):
-        resumed = load_checkpoint(checkpoint, run_id, policy, optimizer, kl_ctl, shuffle_rng, scaler)
+        resumed = load_checkpoint(checkpoint, policy, optimizer, kl_ctl, shuffle_rng, scaler)
     if resumed is not None:
         # policy, optimizer, beta and every RNG are as they were after update `start`
         start, score_stats, history, evals = resumed
@@ -928,29 +928,22 @@ def save_checkpoint(path: Path, run_id: str, update: int, policy: PolicyWithValu
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, run_id: str, policy: PolicyWithValue, optimizer: torch.optim.Optimizer,
+def load_checkpoint(path: Path, policy: PolicyWithValue, optimizer: torch.optim.Optimizer,
                     kl_ctl: FixedKLController | AdaptiveKLController, shuffle_rng: torch.Generator,
                     scaler: torch.amp.GradScaler | None = None
-                    ) -> tuple[int, tuple[float, float], list[dict[str, float]], list[dict[str, float]]] | None:
+                    ) -> tuple[int, tuple[float, float], list[dict[str, float]], list[dict[str, float]]]:
     """Restore `save_checkpoint`'s state into policy, optimizer, KL controller and RNGs; returns (update, score
-    stats, history, evals), or None when there is no checkpoint or it was made for other work (then deleted)."""
+    stats, history, evals). Only for a checkpoint `agree_on_checkpoint` accepted (ours, readable header)."""
     import numpy as np
     from safetensors import SafetensorError, safe_open
 
-    if not path.is_file():
-        return None
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["state"])
             tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        log.info("PPO: discarding the unreadable checkpoint %s (%s)", path, exc)
-        path.unlink()
-        return None
-    if meta["run"] != run_id:
-        log.info("PPO: discarding the checkpoint %s: it was made for other params or inputs", path)
-        path.unlink()
-        return None
+        raise ArtifactError(f"the PPO checkpoint {path} is corrupted ({exc}); delete it to start the stage "
+                            "afresh") from exc
     with torch.no_grad():
         for name, p in policy.named_parameters():
             if p.requires_grad:

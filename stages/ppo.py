@@ -3,14 +3,12 @@
 from edgerlhf import distributed, modeling, paths, resume
 from edgerlhf.config import load_precision_stage
 from edgerlhf.policy import run_ppo
-from edgerlhf.runtime import Timer, log, remove_outputs, run_stage, seed_everything, write_csv, write_json
+from edgerlhf.runtime import Timer, log, remove_outputs, run_stage, write_csv, write_json
 
 
 def main() -> None:
     precision, params = load_precision_stage(__doc__)
-    procs = distributed.init_processes(params.hardware)
-    seed_everything(params.seed)
-    device = modeling.resolve_device(params.hardware, procs.local_rank)
+    procs, device = distributed.start_stage(params)
     modeling.require_dir(paths.SFT_MERGED, "sft", "config.json")
     modeling.require_dir(paths.reward_dir(precision), f"reward@{precision}", "adapter_config.json")
     log.info("policy %s, reward model %s at %s, device %s, %s", paths.SFT_MERGED, paths.reward_dir(precision),

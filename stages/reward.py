@@ -3,14 +3,12 @@
 from edgerlhf import data, distributed, modeling, paths, resume
 from edgerlhf.config import load_precision_stage
 from edgerlhf.reward import train_reward
-from edgerlhf.runtime import Timer, log, remove_outputs, run_stage, seed_everything, write_csv, write_json
+from edgerlhf.runtime import Timer, log, remove_outputs, run_stage, write_csv, write_json
 
 
 def main() -> None:
     precision, params = load_precision_stage(__doc__)
-    procs = distributed.init_processes(params.hardware)
-    seed_everything(params.seed)
-    device = modeling.resolve_device(params.hardware, procs.local_rank)
+    procs, device = distributed.start_stage(params)
     modeling.require_dir(paths.SFT_MERGED, "sft", "config.json")
     log.info("model %s, precision %s, device %s, %s", paths.SFT_MERGED, precision, device.describe(),
              procs.describe())

@@ -2,15 +2,13 @@
 
 from edgerlhf import data, distributed, modeling, paths, resume
 from edgerlhf.config import load_params
-from edgerlhf.runtime import Timer, log, remove_outputs, run_stage, seed_everything, write_csv, write_json
+from edgerlhf.runtime import Timer, log, remove_outputs, run_stage, write_csv, write_json
 from edgerlhf.sft import train_sft
 
 
 def main() -> None:
     params = load_params()
-    procs = distributed.init_processes(params.hardware)
-    seed_everything(params.seed)
-    device = modeling.resolve_device(params.hardware, procs.local_rank)
+    procs, device = distributed.start_stage(params)
     modeling.require_dir(paths.BASE, "base", "config.json")
     log.info("model %s, device %s, %s", paths.BASE, device.describe(), procs.describe())
     if procs.is_main:
