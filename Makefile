@@ -69,7 +69,7 @@ plots: setup
 bench: setup
 	$(BIN)/python -m edgerlhf.bench $(BENCH_ARGS)
 
-# Regenerate requirements.lock (here: make lock TORCH_CPU_WHEELS=/opt/wheels). See requirements.in.
+# Regenerate requirements.lock (offline: make lock TORCH_CPU_WHEELS=<a folder of torch wheels>). See requirements.in.
 lock: setup
 	CUSTOM_COMPILE_COMMAND="see the header of requirements.in" $(BIN)/pip-compile --quiet --unsafe-package torch \
 	    --strip-extras --no-emit-index-url --no-emit-find-links --find-links $(TORCH_CPU_WHEELS) \
@@ -88,7 +88,7 @@ docker-smoke:
 clean:
 	rm -rf .smoke .cache .pytest_cache .ruff_cache
 
-# Use what a run trained (README "Talk to and ship the policies"). RUN_DIR: the run's root (.smoke for make smoke).
+# Use what a run trained (docs/generate-export.md). RUN_DIR: the run's root (.smoke for make smoke).
 RUN_DIR ?= .
 
 # make generate PROMPT="What color is the sky?" [POLICY=ppo@int4 | COMPARE=1] [RUN_DIR=.smoke] [ARGS="--seed 1"];

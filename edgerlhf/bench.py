@@ -215,10 +215,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return tensor_bytes([v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)])
 
 
-def gradient_bytes(module: nn.Module) -> int:
-    return tensor_bytes([p.grad for p in module.parameters() if p.grad is not None])
-
-
 class PeakMeter:
     """The peak of CUDA memory over a measurement made of sections, each with its own peak above its start."""
 
@@ -267,26 +263,11 @@ def autocast(device: Device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant gradient checkpointing (the name changed in transformers 5.2x)."""
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable({"use_reentrant": False})
-    else:  # pragma: no cover - older transformers
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
 def lora_config(model: nn.Module, task_type: str, params: Params, **extra: Any) -> Any:
-    """params.lora as a peft LoraConfig on the model's default targets; fan_in_fan_out where they are GPT-2's
-    Conv1D (bitsandbytes replaces those with Linear layers when it quantizes)."""
-    from peft import LoraConfig
-    from transformers.pytorch_utils import Conv1D
-
+    """params.lora (on the model's default targets) as the stages build it."""
     lp = params.lora
-    targets = modeling.lora_targets(model, lp.target_modules)
-    conv1d = any(isinstance(m, Conv1D) and n.split(".")[-1] in targets for n, m in model.named_modules())
-    return LoraConfig(task_type=task_type, r=lp.r, lora_alpha=lp.alpha, lora_dropout=lp.dropout,
-                      target_modules=targets, fan_in_fan_out=conv1d, **extra)
+    return modeling.lora_config(model, task_type, lp.r, lp.alpha, lp.dropout,
+                                modeling.lora_targets(model, lp.target_modules), **extra)
 
 
 def random_ids(rows: int, length: int, spec: ShapeSpec, device: Device, generator: torch.Generator) -> Tensor:
@@ -368,15 +349,15 @@ def _train_steps(ctx: Context, model: nn.Module, micro_batch: Callable[[], tuple
 def measure_sft(ctx: Context) -> dict[str, float]:
     """LoRA SFT training throughput: the causal LM in the compute dtype, params.lora on the attention + MLP
     projections, params.sft gradient checkpointing, causal-LM loss on random tokens."""
-    from peft import TaskType, get_peft_model
+    from peft import get_peft_model
 
     device, w, sp = ctx.device, ctx.work, ctx.params.sft
     reset_peak(device)
     model = modeling.load_causal_lm(ctx.base_dir, device)
     model.config.use_cache = False
     if sp.gradient_checkpointing:
-        enable_checkpointing(model)
-    model = get_peft_model(model, lora_config(model, TaskType.CAUSAL_LM, ctx.params))
+        modeling.enable_checkpointing(model)
+    model = get_peft_model(model, lora_config(model, "CAUSAL_LM", ctx.params))
     modeling.align_trainable_dtype(model, torch.float32)
     trainable, total = modeling.count_params(model)
     gen = ctx.generator(1)
@@ -399,7 +380,7 @@ def load_reward_model(ctx: Context, precision: str, *, train: bool) -> tuple[nn.
     """The sequence classifier at `precision` (bitsandbytes quantizes it on load) with params.lora + a score head
     (SEQ_CLS, as the reward stage trains and PPO loads it), and its footprint in bytes before the adapter. `train`:
     trainable adapter and params.reward gradient checkpointing; else frozen and in eval mode."""
-    from peft import TaskType, get_peft_model
+    from peft import get_peft_model
 
     rp = ctx.params.reward
     model = modeling.load_reward_base(ctx.base_dir, precision, ctx.device)
@@ -409,8 +390,8 @@ def load_reward_model(ctx: Context, precision: str, *, train: bool) -> tuple[nn.
     model.config.use_cache = False
     checkpointing = train and rp.gradient_checkpointing
     if checkpointing:
-        enable_checkpointing(model)
-    model = get_peft_model(model, lora_config(model, TaskType.SEQ_CLS, ctx.params, modules_to_save=["score"]))
+        modeling.enable_checkpointing(model)
+    model = get_peft_model(model, lora_config(model, "SEQ_CLS", ctx.params, modules_to_save=["score"]))
     if not train:
         # frozen, as PPO loads the trained RM; the score head stays in the compute dtype (no autocast in PPO)
         model.eval()
@@ -464,25 +445,18 @@ def separate_reference_logprobs(reference: nn.Module, rollout: ppo.Rollout, temp
     return torch.cat(out)
 
 
-def measure_ppo(ctx: Context, precision: str, *, separate_reference: bool = False) -> dict[str, Any]:
-    """PPO at the RM `precision`: load the policy (shared backbone), the RM, optionally a separate reference
-    copy; one rollout (timed generation, then the log-prob/value, reference and RM forwards), advantages as
-    `ppo.train_ppo` computes them, then one untimed and ctx.steps timed minibatch updates (gradient accumulation
-    over micro-batches, clipped policy + value losses, grad clipping, AdamW). Returns throughput, times and the
-    memory breakdown."""
-    device, w = ctx.device, ctx.work
-    pp = w.ppo_params(ctx.params)
-    eos = pad = ctx.spec.eos_token_id
-    meter = PeakMeter(device)
-    base = modeling.load_causal_lm(ctx.base_dir, device)
+def load_ppo_models(ctx: Context, precision: str, pp: Any, separate_reference: bool
+                    ) -> tuple[ppo.PolicyWithValue, nn.Module | None, nn.Module, int, dict[str, int]]:
+    """PPO's models as the ppo stage builds them (policy with value head, the frozen RM at `precision`), and
+    optionally a separate reference copy; with the RM's footprint and the static memory breakdown."""
+    base = modeling.load_causal_lm(ctx.base_dir, ctx.device)
     policy = ppo.build_policy(base, pp, modeling.lora_targets(base, ctx.params.lora.target_modules))
     reference = None
     if separate_reference:
-        reference = modeling.load_causal_lm(ctx.base_dir, device)
+        reference = modeling.load_causal_lm(ctx.base_dir, ctx.device)
         reference.eval()
         reference.requires_grad_(False)
     rm, rm_footprint = load_reward_model(ctx, precision, train=False)
-    score_fn = ppo.reward_model_score_fn(rm, pad, pp.logprob_chunk_size)
     memory = {
         "base_weights_bytes": module_bytes(policy, trainable=False),
         "adapter_bytes": module_bytes(policy, trainable=True),
@@ -490,7 +464,22 @@ def measure_ppo(ctx: Context, precision: str, *, separate_reference: bool = Fals
         "reward_model_bytes": int(rm.get_memory_footprint()),
     }
     memory["static_bytes"] = sum(memory.values())
-    memory["static_allocated_bytes"] = allocated_bytes(device)
+    memory["static_allocated_bytes"] = allocated_bytes(ctx.device)
+    return policy, reference, rm, rm_footprint, memory
+
+
+def measure_ppo(ctx: Context, precision: str, *, separate_reference: bool = False) -> dict[str, Any]:
+    """PPO at the RM `precision`, through the training loop's own steps: load the policy (shared backbone), the RM
+    and optionally a separate reference copy; time `ppo.generate_responses` (the rollout) and `ppo.score_rollout`
+    (log-prob/value, reference and RM forwards), then `ppo.compute_advantages` and `ppo.ppo_update` (one untimed
+    epoch over the batch, which creates the AdamW state, then timed epochs until ctx.steps minibatch steps are
+    taken). Returns throughput, times and the memory breakdown."""
+    device, w = ctx.device, ctx.work
+    pp = w.ppo_params(ctx.params)
+    eos = pad = ctx.spec.eos_token_id
+    meter = PeakMeter(device)
+    policy, reference, rm, rm_footprint, memory = load_ppo_models(ctx, precision, pp, separate_reference)
+    score_fn = ppo.reward_model_score_fn(rm, pad, pp.logprob_chunk_size)
 
     # -- rollout: left-padded prompts of varied length, sampling as train_ppo configures it
     ppo.configure_sampling(policy, pp, eos, pad)
@@ -502,78 +491,56 @@ def measure_ppo(ctx: Context, precision: str, *, separate_reference: bool = Fals
     before = meter.section()
     ro, gen_s = timed(device, lambda: ppo.generate_responses(policy, query, query_mask, eos, pad))
 
-    def score_forwards() -> tuple[Tensor, ...]:
-        logp, values, _ = ppo.rollout_logprobs_values(policy, ro, pp.temperature, pp.logprob_chunk_size)
-        if reference is not None:
-            ref = separate_reference_logprobs(reference, ro, pp.temperature, pp.logprob_chunk_size)
-        else:
-            ref, _, _ = ppo.rollout_logprobs_values(policy, ro, pp.temperature, pp.logprob_chunk_size,
-                                                    reference=True)
-        score = score_fn(ro.query, ro.query_mask, ro.response, ro.response_mask).float()
-        return logp, values, ref, score
+    def separate_ref(rollout: ppo.Rollout) -> Tensor:
+        return separate_reference_logprobs(reference, rollout, pp.temperature, pp.logprob_chunk_size)
 
-    (logp_old, values_old, ref_logp, score), score_s = timed(device, score_forwards)
+    # score statistics (0, 1): the normalisation is a scalar affine map, immaterial to time and memory
+    batch, score_s = timed(device, lambda: ppo.score_rollout(policy, ro, score_fn, (0.0, 1.0), pp,
+                                                             separate_ref if reference is not None else None))
     rollout_transient = meter.above(before)
     response_tokens = int(ro.response_mask.sum())
-    with torch.no_grad():
-        mask = ro.response_mask.float()
-        kl = ppo.kl_penalty(logp_old, ref_logp, pp.kl_estimator) * mask
-        rewards = ppo.per_token_rewards((score - score.mean()) / (score.std() + 1e-8), kl, mask, pp.init_kl_coef)
-        values_old = values_old * mask
-        advantages, returns = ppo.gae(rewards, values_old, mask, pp.gamma, pp.lam)
-        advantages = ppo.masked_whiten(advantages, mask)
+    adv = ppo.compute_advantages(batch, pp.init_kl_coef, pp)
 
-    # -- update: minibatches of mini_batch_size x gradient_accumulation_steps episodes, as in train_ppo
+    # -- update: ppo.ppo_update, one epoch (batch / minibatch optimizer steps) per call
+    one_epoch = replace(pp, ppo_epochs=1)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=pp.learning_rate, eps=pp.adam_eps, weight_decay=0.0)
-    input_ids, attention_mask = ro.input_ids, ro.attention_mask
+    scaler = torch.amp.GradScaler(device.type, enabled=device.dtype == torch.float16)
+    shuffle = ctx.generator(4)
     minibatch = pp.mini_batch_size * pp.gradient_accumulation_steps
-    perm = torch.randperm(w.ppo_batch, generator=gen).to(device.torch_device)
-    grads = [0]
+    per_epoch = w.ppo_batch // minibatch
 
-    def update_minibatch(start: int) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        for micro in range(start, start + minibatch, pp.mini_batch_size):
-            idx = perm[micro % w.ppo_batch:micro % w.ppo_batch + pp.mini_batch_size]
-            m = mask[idx]
-            _, logp_new, values_new = ppo.forward_response(policy, input_ids[idx], attention_mask[idx],
-                                                           ro.response[idx], pp.temperature)
-            pg_loss, _, _ = ppo.clipped_policy_loss(logp_new, logp_old[idx], advantages[idx], m, pp.cliprange)
-            vf_loss, _ = ppo.clipped_value_loss(values_new, values_old[idx], returns[idx], m, pp.cliprange_value)
-            ((pg_loss + pp.vf_coef * vf_loss) / pp.gradient_accumulation_steps).backward()
-        grads[0] = gradient_bytes(policy)
-        torch.nn.utils.clip_grad_norm_(trainable, pp.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def epoch() -> None:
+        ppo.ppo_update(policy, optimizer, scaler, batch, adv, one_epoch, shuffle)
 
-    policy.train()
-    update_minibatch(0)  # warm-up; creates the AdamW state
-    update_s, activations = 0.0, 0
-    for i in range(ctx.steps):
+    epoch()  # warm-up; creates the AdamW state
+    gradients = memory["adapter_bytes"]  # every trainable (fp32) weight gets a gradient of its size
+    update_s, activations, steps = 0.0, 0, 0
+    while steps < ctx.steps:
         start = meter.section()
-        _, dt = timed(device, lambda i=i: update_minibatch((i + 1) * minibatch))
+        _, dt = timed(device, epoch)
         update_s += dt
+        steps += per_epoch
         # what the forward/backward held on top of weights, adapters and optimizer state, less the gradients
-        activations = max(activations, meter.above(start) - grads[0])
-    update_s /= ctx.steps
+        activations = max(activations, meter.above(start) - gradients)
+    update_s /= steps
     policy.eval()
     memory.update({
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-        "gradient_bytes": grads[0],
+        "gradient_bytes": gradients,
         "activations_bytes": max(0, activations),
         "rollout_transient_bytes": rollout_transient,
         "activations_measured": 1 if device.type == "cuda" else 0,
     })
     peak = meter.peak()
-    updates_per_batch = pp.ppo_epochs * (w.ppo_batch // minibatch)
-    update_est = gen_s + score_s + updates_per_batch * update_s
+    update_est = gen_s + score_s + pp.ppo_epochs * per_epoch * update_s
     result = {
         "rollout_tokens_per_s": _round(response_tokens / gen_s, 2),
         "rollout_episodes_per_s": _round(w.ppo_batch / gen_s, 3),
         "rollout_s": _round(gen_s),
         "score_forward_s": _round(score_s),
         "update_minibatch_s": _round(update_s),
-        "update_tokens_per_s": _round(minibatch * input_ids.shape[1] / update_s, 2),
+        "update_tokens_per_s": _round(minibatch * ro.input_ids.shape[1] / update_s, 2),
         # one PPO update (rollout + ppo_epochs passes over the batch), computed from the measured times
         "ppo_update_est_s": _round(update_est),
         "episodes_per_s_est": _round(w.ppo_batch / update_est, 3),

@@ -17,10 +17,14 @@ from typing import Any, Literal
 
 import yaml
 
+from edgerlhf import precisions as precision_table
 from edgerlhf.errors import ConfigError
 
-PRECISIONS = ("bf16", "int8", "int4")
+PRECISIONS = precision_table.NAMES
 SPLITS = ("sft_train", "sft_eval", "rm_train", "rm_test", "ppo_prompts", "eval_prompts", "judge_train")
+# Where `prepare` draws each split from: the source's train part or its test part (in this order of allocation).
+TRAIN_SPLITS = ("sft_train", "rm_train", "ppo_prompts", "judge_train")
+TEST_SPLITS = ("rm_test", "sft_eval", "eval_prompts")
 
 
 def _f(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -137,7 +141,7 @@ class RewardParams:
 
 @dataclass(frozen=True)
 class PPOParams:
-    """PPO hyperparameters (see ppo-notes): one optimizer step sees
+    """PPO hyperparameters (see docs/ppo.md): one optimizer step sees
     mini_batch_size * gradient_accumulation_steps episodes; each update runs
     ppo_epochs passes over batch_size fresh episodes."""
 

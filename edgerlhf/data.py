@@ -28,10 +28,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypedDict
 
+from edgerlhf.config import TEST_SPLITS, TRAIN_SPLITS
 from edgerlhf.errors import ArtifactError, DataError, HubError
 
 ASSISTANT_MARKER = "\n\nAssistant:"
-HUMAN_MARKER = "\n\nHuman:"
 FIELDS = ("prompt", "chosen", "rejected")
 
 REASON_INVALID_JSON = "invalid_json"
@@ -319,19 +319,6 @@ def records_from_transcripts(pairs: Iterable[Any], on_malformed: OnMalformed = "
     return _collect(rows(), on_malformed, "fix the source", source_name, max_prompt_chars)
 
 
-def filter_long_prompts(records: Iterable[Record], max_prompt_chars: int) -> LoadResult:
-    """Drop records whose prompt is longer than `max_prompt_chars`, counted under "prompt_too_long"."""
-    kept: list[Record] = []
-    dropped = 0
-    for rec in records:
-        if len(rec["prompt"]) > max_prompt_chars:
-            dropped += 1
-        else:
-            kept.append(rec)
-    reasons: Counter[str] = Counter({REASON_TOO_LONG: dropped}) if dropped else Counter()
-    return LoadResult(kept, dropped, reasons)
-
-
 # --------------------------------------------------------------------------- split files
 
 
@@ -382,9 +369,6 @@ def read_split(path: str | Path) -> list[Record]:
 
 
 # --------------------------------------------------------------------------- the prepare stage's splits
-
-TRAIN_SPLITS = ("sft_train", "rm_train", "ppo_prompts", "judge_train")
-TEST_SPLITS = ("rm_test", "sft_eval", "eval_prompts")
 
 
 def _allocate(pool: list[Record], names: tuple[str, ...], sizes: dict[str, int], source: str) -> dict[str, list]:

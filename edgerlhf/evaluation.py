@@ -31,7 +31,7 @@ from edgerlhf.config import Params, PPOParams
 from edgerlhf.errors import ArtifactError, ConfigError
 from edgerlhf.judge import gold_judge
 from edgerlhf.modeling import Device
-from edgerlhf.policy import load_policy_base, tokenize_prompts
+from edgerlhf.ppo_stage import load_policy_base, tokenize_prompts
 
 log = logging.getLogger("edgerlhf")
 
@@ -218,24 +218,13 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def run_evaluation(params: Params, device: Device, *, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Generate, score and compare; returns (eval.json content without timing, samples.jsonl rows)."""
-    precisions = list(params.reward.precisions)
-    trust = params.model.trust_remote_code
-    tokenizer = modeling.load_tokenizer(paths.SFT_MERGED, trust)
-    pad_id = ppo._pad_id(tokenizer)
-    records = data.read_split(paths.split_file("eval_prompts"))
-    prompt_texts = [r["prompt"] for r in records]
-    prompts = tokenize_prompts(tokenizer, records)
-    sampling = sampling_params(params)
+def generate_all(params: Params, device: Device, tokenizer: Any, prompts: Sequence[Sequence[int]],
+                 sampling: PPOParams, progress: bool) -> dict[str, Generations]:
+    """Samples of SFT (the reference of the first PPO policy, adapter off) and of every PPO policy, one model in
+    memory at a time, each from the same seed."""
     chunk = params.ppo.logprob_chunk_size
-    gold_fn = gold_judge(params)
-    log.info("evaluate: %d eval prompts, sampling T=%g top_k=%d top_p=%g, %d new tokens, seed %d; gold judge: %s",
-             len(prompts), sampling.temperature, sampling.top_k, sampling.top_p, sampling.response_length,
-             params.seed, "rules (synthetic task)" if gold_fn else f"none for data.source={params.data.source}")
-
     gens: dict[str, Generations] = {}
-    for i, p in enumerate(precisions):
+    for i, p in enumerate(params.reward.precisions):
         modeling.require_dir(paths.ppo_dir(p), f"ppo@{p}", "adapter_config.json")
         base = load_policy_base(params, device)
         if i == 0:
@@ -254,6 +243,51 @@ def run_evaluation(params: Params, device: Device, *, progress: bool = True) -> 
                                         kl_chunk_size=chunk, desc=f"generate {policy_name(p)}", progress=progress)
         del policy, base
         _free()
+    return gens
+
+
+def sample_rows(prompt_texts: list[str], gens: dict[str, Generations], proxy: dict[str, dict[str, list[float]]],
+                gold: dict[str, list[float]] | None, test_records: list[dict],
+                test_scores: dict[str, dict[str, list[float]]]) -> list[dict]:
+    """reports/samples.jsonl: every eval prompt with each policy's response and scores, then every rm_test pair
+    with each RM's scores."""
+    names, precisions = list(gens), list(proxy)
+    samples: list[dict] = []
+    for i, text in enumerate(prompt_texts):
+        row: dict[str, Any] = {"split": "eval_prompts", "index": i, "prompt": text,
+                               "responses": {n: gens[n].responses[i] for n in names}}
+        if gold:
+            row["gold"] = {n: gold[n][i] for n in names}
+        row["proxy"] = {p: {n: proxy[p][n][i] for n in names} for p in precisions}
+        row["kl_to_sft"] = {n: gens[n].kl[i] for n in names}
+        row["response_tokens"] = {n: gens[n].tokens[i] for n in names}
+        row["has_eos"] = {n: gens[n].has_eos[i] for n in names}
+        samples.append(row)
+    for i, rec in enumerate(test_records):
+        samples.append({"split": "rm_test", "index": i, "prompt": rec["prompt"], "chosen": rec["chosen"],
+                        "rejected": rec["rejected"],
+                        "proxy": {p: {"chosen": test_scores[p]["chosen"][i], "rejected": test_scores[p]["rejected"][i]}
+                                  for p in precisions}})
+    return samples
+
+
+def run_evaluation(params: Params, device: Device, *, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Generate, score and compare; returns (eval.json content without timing, samples.jsonl rows)."""
+    precisions = list(params.reward.precisions)
+    trust = params.model.trust_remote_code
+    tokenizer = modeling.load_tokenizer(paths.SFT_MERGED, trust)
+    pad_id = ppo._pad_id(tokenizer)
+    records = data.read_split(paths.split_file("eval_prompts"))
+    prompt_texts = [r["prompt"] for r in records]
+    prompts = tokenize_prompts(tokenizer, records)
+    sampling = sampling_params(params)
+    chunk = params.ppo.logprob_chunk_size
+    gold_fn = gold_judge(params)
+    log.info("evaluate: %d eval prompts, sampling T=%g top_k=%d top_p=%g, %d new tokens, seed %d; gold judge: %s",
+             len(prompts), sampling.temperature, sampling.top_k, sampling.top_p, sampling.response_length,
+             params.seed, "rules (synthetic task)" if gold_fn else f"none for data.source={params.data.source}")
+
+    gens = generate_all(params, device, tokenizer, prompts, sampling, progress)
     names = list(gens)
 
     # every response under every proxy RM (one RM in memory at a time)
@@ -283,22 +317,7 @@ def run_evaluation(params: Params, device: Device, *, progress: bool = True) -> 
     result["bootstrap_samples"] = params.eval.bootstrap_samples
     result["interval_level_pct"] = round(100 * INTERVAL_LEVEL)
 
-    samples: list[dict] = []
-    for i, text in enumerate(prompt_texts):
-        row: dict[str, Any] = {"split": "eval_prompts", "index": i, "prompt": text,
-                               "responses": {n: gens[n].responses[i] for n in names}}
-        if gold:
-            row["gold"] = {n: gold[n][i] for n in names}
-        row["proxy"] = {p: {n: proxy[p][n][i] for n in names} for p in precisions}
-        row["kl_to_sft"] = {n: gens[n].kl[i] for n in names}
-        row["response_tokens"] = {n: gens[n].tokens[i] for n in names}
-        row["has_eos"] = {n: gens[n].has_eos[i] for n in names}
-        samples.append(row)
-    for i, rec in enumerate(test_records):
-        samples.append({"split": "rm_test", "index": i, "prompt": rec["prompt"], "chosen": rec["chosen"],
-                        "rejected": rec["rejected"],
-                        "proxy": {p: {"chosen": test_scores[p]["chosen"][i], "rejected": test_scores[p]["rejected"][i]}
-                                  for p in precisions}})
+    samples = sample_rows(prompt_texts, gens, proxy, gold, test_records, test_scores)
     for n in names:
         m = result[n]
         log.info("%-9s gold %s, proxy %.3f, KL %.3f, win-rate vs SFT %s, %.1f tokens", n,

@@ -26,10 +26,10 @@ from typing import Any
 
 import yaml
 
-from edgerlhf import paths
+from edgerlhf import paths, precisions
 from edgerlhf.config import Params, load_params
 from edgerlhf.errors import ArtifactError, EdgeRLHFError
-from edgerlhf.generate import Sampling, UsageError, generation_config, quiet_libraries, require_policy
+from edgerlhf.generate import Sampling, UsageError, quiet_libraries, require_policy
 
 log = logging.getLogger("edgerlhf")
 
@@ -94,16 +94,6 @@ def metrics_table(rows: Sequence[tuple[str, str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def parse_metrics_tables(card: str) -> list[tuple[str, str, Any]]:
-    """Every `file | key | value` row of a card, parsed back (the inverse of `metrics_table`)."""
-    rows = []
-    for line in card.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 3 and cells[0].startswith("`") and cells[1].startswith("`"):
-            rows.append((cells[0].strip("`"), cells[1].strip("`"), json.loads(cells[2])))
-    return rows
-
-
 def _git_revision(root: Path) -> str | None:
     """HEAD of the repository holding `root` (+ "-dirty" with uncommitted changes to tracked files), if any."""
     try:
@@ -153,7 +143,8 @@ def _data_text(params: Params) -> str:
 def model_card(root: Path, params: Params, precision: str, sampling: Sampling, check_diff: float,
                n_params: int) -> str:
     """README.md of an export: what it is, how to use it, base model, data, hyperparameters, metrics, provenance.
-    Every metric is copied from the run's metrics files."""
+    Every metric is copied from the run's metrics files. Over 80 lines because most of it is the card's Markdown
+    template, kept in one piece so that the code reads as the card does."""
     files = {role: rel for role, rel in metrics_files(precision).items() if (root / rel).exists()}
     metrics = {role: flatten(json.loads((root / rel).read_text())) for role, rel in files.items()}
     name = export_dir(EXPORTS, precision)
@@ -164,8 +155,7 @@ def model_card(root: Path, params: Params, precision: str, sampling: Sampling, c
         front["base_model"] = params.model.name
     if params.data.source == "hh-rlhf":
         front["datasets"] = [params.data.hub_id]
-    quant = {"bf16": "unquantized (16-bit weights on GPU, fp32 on CPU)", "int8": "LLM.int8, bitsandbytes",
-             "int4": "4-bit NF4 with double quantization, bitsandbytes"}[precision]
+    quant = precisions.get(precision).label
     ex_prompt = "\\n\\nHuman: What color is the sky?\\n\\nAssistant:"
 
     headline = []
@@ -327,7 +317,7 @@ def export_policy(root: Path, params: Params, precision: str, out_root: Path) ->
     merged = load_adapter_model().merge_and_unload().eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = Sampling.from_params(params)
-    merged.generation_config = generation_config(sampling, tokenizer.eos_token_id, pad)
+    merged.generation_config = sampling.generation_config(tokenizer.eos_token_id, pad)
     merged.config.pad_token_id = pad
     n_params = sum(p.numel() for p in merged.parameters())
     final = export_dir(out_root, precision)

@@ -9,7 +9,7 @@ one that contains it is used as given, with literal `\\n` turned into newlines (
 Sampling settings come from params.yaml `eval.*` (what the evaluation uses), overridable by flags. Samples are
 drawn exactly as PPO's rollouts are: left-padded prompts (`ppo.left_pad`), `model.generate` with the attention
 mask (transformers derives position ids from it, as `ppo.position_ids_from_mask` does) under a fresh
-GenerationConfig (`generation_config`, the same fields as `ppo.configure_sampling`), responses cut after the
+GenerationConfig (`ppo.generation_config`, as PPO samples), responses cut after the
 first EOS (`ppo.truncate_after_eos`) and decoded without the prompt. `--compare` answers every prompt with
 every available policy (each from the same seed), scored by each proxy reward model (raw score, as PPO's
 score_fn computes it) and, on the synthetic task, by the gold judge.
@@ -102,15 +102,12 @@ class Sampling:
             raise UsageError(f"--seed must be >= 0 (got {s.seed})")
         return s
 
+    def generation_config(self, eos_token_id: int, pad_token_id: int) -> Any:
+        """These settings as the project's one GenerationConfig (`ppo.generation_config`)."""
+        from edgerlhf.ppo import generation_config
 
-def generation_config(sampling: Sampling, eos_token_id: int, pad_token_id: int) -> Any:
-    """A fresh GenerationConfig with the fields of `ppo.configure_sampling` (no hub defaults such as top_k=50 or a
-    repetition penalty): samples come from softmax(logits / T), truncated only by top_k / top_p as asked."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
-                            top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens, min_new_tokens=0,
-                            num_beams=1, eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True)
+        return generation_config(self.temperature, self.top_k, self.top_p, self.max_new_tokens, eos_token_id,
+                                 pad_token_id)
 
 
 def to_dialogue(text: str, raw: bool = False) -> str:
@@ -246,7 +243,7 @@ def answer_all(policies: PolicySet, names: Sequence[str], prompts: Sequence[str]
             raise UsageError(f"prompt {i + 1} has {len(row)} tokens: with --max-new-tokens {sampling.max_new_tokens} "
                              f"it exceeds the model's {policies.max_positions} positions; shorten it or lower "
                              "--max-new-tokens")
-    policies.backbone.generation_config = generation_config(sampling, eos, pad)
+    policies.backbone.generation_config = sampling.generation_config(eos, pad)
     answers: list[list[Answer]] = [[] for _ in prompts]
     bar = tqdm(total=len(prompts) * len(names), desc="generate", unit="answer", disable=not progress,
                file=sys.stderr)

@@ -7,19 +7,20 @@ with safetensors and `trust_remote_code` only when params say so.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from edgerlhf import precisions
 from edgerlhf.config import HardwareParams, ModelParams, TinyModelParams
 from edgerlhf.errors import ArtifactError, HardwareError, HubError
 
 log = logging.getLogger("edgerlhf")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# bitsandbytes' LLM.int8 kernels need Turing (sm_75) or newer.
-INT8_MIN_CAPABILITY = (7, 5)
 BF16_MIN_CAPABILITY = (8, 0)
 
 LORA_TARGETS = {
@@ -116,25 +117,24 @@ def apply_vram_budget(budget_gb: float, device: Device) -> None:
 
 def check_precision_supported(precision: str, device: Device) -> None:
     """Fail loudly where a quantized precision cannot run, never fall back to another precision."""
-    if precision == "int8" and device.type == "cuda" and device.capability < INT8_MIN_CAPABILITY:
+    need = precisions.get(precision).min_capability
+    if need and device.type == "cuda" and device.capability < need:
         cap = f"{device.capability[0]}.{device.capability[1]}"
         raise HardwareError(
-            f"precision int8 (bitsandbytes LLM.int8) needs compute capability >= 7.5, this GPU has {cap}; "
-            "remove int8 from reward.precisions")
+            f"precision {precision} ({precisions.get(precision).label}) needs compute capability >= "
+            f"{need[0]}.{need[1]}, this GPU has {cap}; remove {precision} from reward.precisions")
 
 
 def quantization_config(precision: str, device: Device):
-    """bitsandbytes config for int8 (LLM.int8) / int4 (nf4 + double quant); None for bf16."""
+    """The BitsAndBytesConfig of `precision` (the precision table's settings; 4-bit computes in the run's dtype);
+    None when unquantized."""
     from transformers import BitsAndBytesConfig
 
-    if precision == "bf16":
+    bnb = precisions.get(precision).bnb
+    if bnb is None:
         return None
-    if precision == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    if precision == "int4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=device.dtype)
-    raise ValueError(f"unknown precision {precision!r}")
+    extra = {"bnb_4bit_compute_dtype": device.dtype} if bnb.get("load_in_4bit") else {}
+    return BitsAndBytesConfig(**bnb, **extra)
 
 
 def lora_targets(model: torch.nn.Module, configured: list[str]) -> list[str]:
@@ -145,6 +145,31 @@ def lora_targets(model: torch.nn.Module, configured: list[str]) -> list[str]:
     if arch not in LORA_TARGETS:
         raise HardwareError(f"no default LoRA targets for model type {arch!r}; set lora.target_modules in params.yaml")
     return LORA_TARGETS[arch]
+
+
+def lora_config(model: torch.nn.Module, task_type: str, r: int, alpha: int, dropout: float,
+                target_modules: Sequence[str] | None, **extra: Any) -> Any:
+    """The project's one LoRA config (SFT, reward, PPO, bench): `target_modules` (see `lora_targets`; None: peft's
+    default), no bias, and fan_in_fan_out where a target is GPT-2's Conv1D (weight stored transposed), so peft
+    need not fix it with a warning. bitsandbytes replaces Conv1D by Linear layers when it quantizes."""
+    from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
+
+    targets = list(target_modules) if target_modules else None
+    fan_in_fan_out = any(isinstance(m, Conv1D) and (targets is None or n.split(".")[-1] in targets)
+                         for n, m in model.named_modules())
+    return LoraConfig(task_type=task_type, r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                      fan_in_fan_out=fan_in_fan_out, bias="none", **extra)
+
+
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant gradient checkpointing, so gradients reach the LoRA weights although the frozen inputs need
+    no grad (transformers >= 5.2x calls it activation checkpointing)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:  # pragma: no cover - older transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
@@ -296,8 +321,8 @@ def is_quantized(model: torch.nn.Module, precision: str) -> bool:
     """True when the model's linear layers really are bitsandbytes modules of `precision`."""
     import bitsandbytes as bnb
 
-    cls = {"int8": bnb.nn.Linear8bitLt, "int4": bnb.nn.Linear4bit}.get(precision)
-    return cls is not None and any(isinstance(m, cls) for m in model.modules())
+    layer = precisions.get(precision).bnb_layer
+    return layer is not None and any(isinstance(m, getattr(bnb.nn, layer)) for m in model.modules())
 
 
 def trainer_precision_kwargs(device: Device) -> dict:

@@ -6,13 +6,14 @@ Layout of this file:
      the KL-coefficient controllers
   3. sequences: left-padded prompts, response masks after the first EOS, re-packing for the reward model
   4. the policy-with-value model (one base model = policy, reference and value) and its save/load
-  5. rollouts: sampling, log-probs/values by a chunked no-grad forward, score normalisation
-  6. the training loop `train_ppo`
-  7. resumable checkpoints: the loop's whole state in one safetensors file
+  5. sampling: generation config, log-probs/values by a chunked no-grad forward, score normalisation
+  6. the three steps of an update: `collect_rollouts` -> `compute_advantages` -> `ppo_update`
+  7. the training loop `train_ppo`: those steps, plus evaluation, logging and checkpoints around them
+  8. resumable checkpoints: the loop's whole state in one safetensors file
 
-Every hyperparameter comes from `edgerlhf.config.PPOParams`; see /work/shared/ppo-notes.md for the
-algorithm and the test oracles. Tensor shapes: B episodes, P prompt tokens (left-padded), R response
-tokens (right-padded after the first EOS), V vocabulary.
+Every hyperparameter comes from `edgerlhf.config.PPOParams`; docs/ppo.md has the algorithm, its formulas,
+the implementation details with their sources and the provenance of the test oracles. Tensor shapes: B episodes,
+P prompt tokens (left-padded), R response tokens (right-padded after the first EOS), V vocabulary.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgerlhf import runtime
+from edgerlhf import modeling, runtime
 from edgerlhf.config import PPOParams
 from edgerlhf.distributed import SINGLE, Processes
 from edgerlhf.errors import ArtifactError, ConfigError, EdgeRLHFError
+from edgerlhf.judge import GoldFn
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 SCORE_NORM_FILE = "score_norm.json"
@@ -49,9 +51,6 @@ log = logging.getLogger("edgerlhf")
 # score_fn(query, query_mask, response, response_mask) -> raw scores [B] (float). The query is the
 # left-padded prompt [B, P]; the response is [B, R] with response_mask 1 up to and including the first EOS.
 ScoreFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
-# gold_fn(prompt_texts, response_texts) -> one gold score per episode (text-based, so any judge fits:
-# a rule scorer, or a judge model with its own tokenizer).
-GoldFn = Callable[[list[str], list[str]], Sequence[float]]
 
 
 # =========================================================================== 1. masked statistics
@@ -217,7 +216,7 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int, device: torc
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Positions counted over real tokens only (cumsum - 1, clamped at 0), so a left-padded row sees the same
-    positions as the unpadded row. Without it GPT-2 log-probs shift by up to 0.59 nats (ppo-notes)."""
+    positions as the unpadded row. Without it GPT-2 log-probs shift by up to 0.59 nats (docs/ppo.md)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -310,7 +309,7 @@ class PolicyWithValue(nn.Module):
     """One causal LM with a LoRA adapter = the policy; the same LM with the adapter disabled = the reference;
     a zero-initialised fp32 linear head on the policy's last hidden state = the value.
 
-    Why a shared backbone (design (a) of ppo-notes) on an 8 GB GPU: one set of base weights in memory, no
+    Why a shared backbone on an 8 GB GPU (docs/ppo.md): one set of base weights in memory, no
     second model (TRL kept a whole value model) and no second adapter; one forward gives logits and values, so
     rollouts and updates cost one pass instead of two. The price: value-loss gradients also move the policy
     LoRA. vf_coef (0.1) keeps that small, and the zero-initialised head sends no value gradient into the
@@ -346,18 +345,6 @@ class PolicyWithValue(nn.Module):
         return logits.float(), values
 
 
-def _lora_config(base_model: nn.Module, r: int, alpha: int, target_modules: Sequence[str] | None) -> Any:
-    from peft import LoraConfig
-    from transformers.pytorch_utils import Conv1D
-
-    targets = list(target_modules) if target_modules else None
-    # GPT-2 stores its projections as Conv1D (weight transposed); tell peft instead of letting it warn.
-    fan_in_fan_out = any(isinstance(m, Conv1D) and (targets is None or n.split(".")[-1] in targets)
-                         for n, m in base_model.named_modules())
-    return LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets,
-                      fan_in_fan_out=fan_in_fan_out, bias="none")
-
-
 def _hidden_size(base_model: nn.Module) -> int:
     config = base_model.config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -372,17 +359,13 @@ def build_policy(base_model: nn.Module, params: PPOParams, target_modules: Seque
 
     disable_dropout(base_model)
     if params.gradient_checkpointing:
-        # non-reentrant: gradients reach the LoRA weights even though the (frozen) inputs need no grad. It is only
-        # active in train mode, so eval-mode rollouts run the plain forward.
-        enable = getattr(base_model, "activation_checkpointing_enable", None)  # the transformers >= 5.2x name
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # only active in train mode, so eval-mode rollouts run the plain forward
+        modeling.enable_checkpointing(base_model)
     # LoRA B starts at zero, so with or without the adapter the logits are identical: reference == policy at init.
     # peft keeps the adapter in fp32 on a bf16/fp16 base (autocast_adapter_dtype), as are head and logits.
-    peft_model = get_peft_model(base_model, _lora_config(base_model, params.lora_r, params.lora_alpha,
-                                                         target_modules))
+    # lora_dropout 0: the training forward must equal the rollout forward (see disable_dropout)
+    peft_model = get_peft_model(base_model, modeling.lora_config(base_model, "CAUSAL_LM", params.lora_r,
+                                                                 params.lora_alpha, 0.0, target_modules))
     device = next(base_model.parameters()).device
     value_head = nn.Linear(_hidden_size(base_model), 1, device=device, dtype=torch.float32)
     nn.init.zeros_(value_head.weight)
@@ -430,7 +413,7 @@ def load_score_stats(path: str | Path) -> tuple[float, float]:
     return float(data["mean"]), float(data["std"])
 
 
-# =========================================================================== 5. rollouts
+# =========================================================================== 5. sampling
 
 
 @dataclass
@@ -452,18 +435,24 @@ class Rollout:
         return torch.cat([self.query_mask, self.response_mask], dim=1)
 
 
-def configure_sampling(policy: PolicyWithValue, params: PPOParams, eos_token_id: int, pad_token_id: int) -> None:
-    """Put PPO's sampling settings on the model's own generation_config (a config passed to generate() is
-    merged with it, and e.g. eos_token_id=None there is silently ignored). A fresh config drops any hub
-    defaults (repetition penalty, top_k=50, ...): samples must come from softmax(logits / T), the distribution
+def generation_config(temperature: float, top_k: int, top_p: float, max_new_tokens: int, eos_token_id: int,
+                      pad_token_id: int) -> Any:
+    """The one GenerationConfig of the project (PPO rollouts, evaluation, generate, export). A fresh config drops
+    any hub defaults (repetition penalty, top_k=50, ...): samples come from softmax(logits / T), the distribution
     whose log-probs PPO computes (top_k > 0 or top_p < 1 truncate it; PPO then treats them as off-policy noise,
     as TRL did)."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig(do_sample=True, temperature=params.temperature, top_k=params.top_k,
-                              top_p=params.top_p, max_new_tokens=params.response_length, min_new_tokens=0,
-                              num_beams=1, eos_token_id=eos_token_id, pad_token_id=pad_token_id, use_cache=True)
-    policy.model.get_base_model().generation_config = config
+    return GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+                            max_new_tokens=max_new_tokens, min_new_tokens=0, num_beams=1, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id, use_cache=True)
+
+
+def configure_sampling(policy: PolicyWithValue, params: PPOParams, eos_token_id: int, pad_token_id: int) -> None:
+    """Put PPO's sampling settings on the model's own generation_config (a config passed to generate() is
+    merged with it, and e.g. eos_token_id=None there is silently ignored)."""
+    policy.model.get_base_model().generation_config = generation_config(
+        params.temperature, params.top_k, params.top_p, params.response_length, eos_token_id, pad_token_id)
 
 
 @torch.no_grad()
@@ -546,7 +535,165 @@ def measure_score_stats(policy: PolicyWithValue, prompts: Sequence[Sequence[int]
     return scores.mean().item(), std if std > 1e-8 else 1.0
 
 
-# =========================================================================== 6. training
+# =========================================================================== 6. the three steps of an update
+
+
+@dataclass
+class Batch:
+    """One update's episodes as `collect_rollouts` leaves them: everything the losses need. [B, R] unless noted."""
+
+    rollout: Rollout
+    mask: Tensor  # the response mask as floats
+    logp_old: Tensor  # log pi_old of each response token: the sampling policy's (a no-grad forward)
+    ref_logp: Tensor  # log pi_ref: the same forward with the adapter off (the SFT policy)
+    values_old: Tensor  # V_old, 0 after the episode
+    entropy: Tensor  # per-token entropy of pi_old
+    raw_score: Tensor  # [B] the reward model's score
+    score: Tensor  # [B] the score PPO maximises: (raw - mean) / std - missing_eos_penalty * [no EOS]
+
+
+@dataclass
+class Advantages:
+    """What `compute_advantages` derives from a Batch at the current KL coefficient."""
+
+    kl: Tensor  # per-token KL estimate k_t (0 on padding)
+    rewards: Tensor  # per-token rewards r_t
+    advantages: Tensor  # whitened A_t
+    returns: Tensor  # value targets G_t = A_t + V_t (from the advantages BEFORE whitening)
+
+
+ADVANTAGE_ESTIMATORS = ("gae",)
+
+
+def collect_rollouts(policy: PolicyWithValue, prompts: Sequence[Sequence[int]], score_fn: ScoreFn,
+                     score_stats: tuple[float, float], params: PPOParams, eos_token_id: int, pad_token_id: int,
+                     device: torch.device) -> Batch:
+    """Step 1: sample one response per prompt, then score it (`score_rollout`)."""
+    query, query_mask = left_pad(prompts, pad_token_id, device)
+    rollout = generate_responses(policy, query, query_mask, eos_token_id, pad_token_id)
+    return score_rollout(policy, rollout, score_fn, score_stats, params)
+
+
+@torch.no_grad()
+def score_rollout(policy: PolicyWithValue, rollout: Rollout, score_fn: ScoreFn, score_stats: tuple[float, float],
+                  params: PPOParams, reference_logprobs: Callable[[Rollout], Tensor] | None = None) -> Batch:
+    """Log-probs, values and entropy of the sampled responses (a no-grad forward, not generate()'s scores), the
+    reference log-probs (adapter off, or `reference_logprobs(rollout)` from a separate model) and the normalised
+    score; a response cut off before its EOS is penalised in normalised units."""
+    mask = rollout.response_mask.float()
+    logp, values, entropy = rollout_logprobs_values(policy, rollout, params.temperature, params.logprob_chunk_size)
+    if reference_logprobs is None:
+        ref_logp, _, _ = rollout_logprobs_values(policy, rollout, params.temperature, params.logprob_chunk_size,
+                                                 reference=True)
+    else:
+        ref_logp = reference_logprobs(rollout)
+    raw = score_fn(rollout.query, rollout.query_mask, rollout.response, rollout.response_mask).float()
+    raw = raw.to(mask.device)
+    mean, std = score_stats
+    score = (raw - mean) / std - params.missing_eos_penalty * (~rollout.has_eos).float()
+    return Batch(rollout, mask, logp, ref_logp, values * mask, entropy, raw, score)
+
+
+@torch.no_grad()
+def compute_advantages(batch: Batch, beta: float, params: PPOParams, estimator: str = "gae") -> Advantages:
+    """Step 2, the one place where score, KL and values meet: per-token rewards r_t = -beta k_t (+ the score at
+    the last response token), optionally whitened, then advantages and returns by `estimator`; the advantages
+    are whitened over the batch."""
+    mask = batch.mask
+    kl = kl_penalty(batch.logp_old, batch.ref_logp, params.kl_estimator) * mask
+    rewards = per_token_rewards(batch.score, kl, mask, beta)
+    if params.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    if estimator == "gae":
+        advantages, returns = gae(rewards, batch.values_old, mask, params.gamma, params.lam)
+    else:  # the place for RLOO-style baselines (several samples per prompt, no critic)
+        raise ConfigError(f"unknown advantage estimator {estimator!r}; choose one of {list(ADVANTAGE_ESTIMATORS)}")
+    return Advantages(kl, rewards, masked_whiten(advantages, mask), returns)
+
+
+# Per-update diagnostics of `ppo_update`, averaged over micro-batches (grad_norm: over the optimizer steps taken).
+UPDATE_STATS = ("policy_loss", "value_loss", "approx_kl", "clipfrac", "vf_clipfrac", "grad_norm")
+
+
+def ppo_update(policy: PolicyWithValue, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               batch: Batch, adv: Advantages, params: PPOParams, shuffle_rng: torch.Generator,
+               procs: Processes = SINGLE) -> dict[str, float]:
+    """Step 3: ppo_epochs passes over the batch in shuffled minibatches of mini_batch_size *
+    gradient_accumulation_steps episodes (micro-batches of mini_batch_size, gradients accumulated), one optimizer
+    step per minibatch on the clipped policy loss + vf_coef * clipped value loss (- ent_coef * entropy).
+    Returns the diagnostics UPDATE_STATS, ratio_dev_first and skipped_steps."""
+    policy.train()  # dropout is off; train mode only switches gradient checkpointing on
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    ro, n_episodes = batch.rollout, len(batch.score)
+    input_ids, attention_mask = ro.input_ids, ro.attention_mask
+    minibatch_episodes = params.mini_batch_size * params.gradient_accumulation_steps
+    sums = dict.fromkeys(UPDATE_STATS, 0.0)
+    n_micro, n_steps, n_skipped, ratio_dev_first = 0, 0, 0, 0.0
+    for _epoch in range(params.ppo_epochs):
+        perm = torch.randperm(n_episodes, generator=shuffle_rng).to(input_ids.device)
+        for mb_start in range(0, n_episodes, minibatch_episodes):
+            optimizer.zero_grad(set_to_none=True)
+            for micro_start in range(mb_start, mb_start + minibatch_episodes, params.mini_batch_size):
+                idx = perm[micro_start:micro_start + params.mini_batch_size]
+                m = batch.mask[idx]
+                logits, logp_new, values_new = forward_response(policy, input_ids[idx], attention_mask[idx],
+                                                                ro.response[idx], params.temperature)
+                pg_loss, clipfrac, approx_kl = clipped_policy_loss(logp_new, batch.logp_old[idx],
+                                                                   adv.advantages[idx], m, params.cliprange)
+                vf_loss, vf_clipfrac = clipped_value_loss(values_new, batch.values_old[idx], adv.returns[idx], m,
+                                                          params.cliprange_value)
+                loss = pg_loss + params.vf_coef * vf_loss
+                if params.ent_coef > 0:
+                    loss = loss - params.ent_coef * masked_mean(entropy_from_logits(logits), m)
+                del logits
+                if not torch.isfinite(loss):
+                    raise EdgeRLHFError("PPO diverged: non-finite loss; lower ppo.learning_rate or "
+                                        "ppo.max_grad_norm")
+                scaler.scale(loss / params.gradient_accumulation_steps).backward()
+                if n_steps == 0:  # before the first optimizer step the policy IS the sampling policy
+                    with torch.no_grad():
+                        log_ratio = (logp_new - batch.logp_old[idx]).abs() * m
+                        ratio_dev_first = max(ratio_dev_first, log_ratio.max().item())
+                for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("approx_kl", approx_kl),
+                                   ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac)):
+                    sums[key] += value.item()
+                n_micro += 1
+            # every process now holds the gradient of its share of the minibatch: average them (DDP)
+            procs.all_reduce_gradients(trainable)
+            scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm))
+            if scaler.is_enabled() and not math.isfinite(grad_norm):
+                n_skipped += 1  # fp16 overflow: the scaler skips this step and lowers its scale
+            else:
+                sums["grad_norm"] += grad_norm
+            scaler.step(optimizer)
+            scaler.update()
+            n_steps += 1
+    optimizer.zero_grad(set_to_none=True)
+    stats = {k: v / (max(n_steps - n_skipped, 1) if k == "grad_norm" else n_micro) for k, v in sums.items()}
+    # max |log rho| before the first optimizer step: 0 unless the training forward differs from the rollout
+    # forward (dropout, position ids, precision) -- PPO's clipping would then be biased
+    return {**stats, "ratio_dev_first": ratio_dev_first, "skipped_steps": float(n_skipped)}
+
+
+@torch.no_grad()
+def rollout_stats(batch: Batch, adv: Advantages, beta: float) -> dict[str, float]:
+    """Per-update diagnostics of the sampled batch: scores, sequence KL (sum over tokens), the KL-penalised
+    reward, entropy, the critic's explained variance, response length and the share cut off before EOS."""
+    kl_sum = adv.kl.sum(1)
+    return {
+        "score": batch.raw_score.mean().item(),
+        "score_norm": batch.score.mean().item(),
+        "kl": kl_sum.mean().item(),
+        "rlhf_reward": (batch.score - beta * kl_sum).mean().item(),
+        "entropy": masked_mean(batch.entropy, batch.mask).item(),
+        "explained_variance": explained_variance(adv.returns, batch.values_old, batch.mask),
+        "response_tokens": batch.mask.sum(1).mean().item(),
+        "no_eos_fraction": (~batch.rollout.has_eos).float().mean().item(),
+    }
+
+
+# =========================================================================== 7. the training loop
 
 
 @dataclass
@@ -561,6 +708,47 @@ class PPOResult:
     wall_time_s: float
     episodes_per_s: float
     evals: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class Evaluator:
+    """PPO's periodic evaluation: the first ppo.eval_prompts of `prompts` sampled with a fixed seed, scored by the
+    gold judge and the proxy."""
+
+    gold_fn: GoldFn
+    prompts: Sequence[Sequence[int]]
+    tokenizer: Any
+    seed: int
+
+    def __call__(self, policy: PolicyWithValue, score_fn: ScoreFn, params: PPOParams, device: torch.device
+                 ) -> dict[str, float]:
+        """Gold and proxy (raw) score of the current policy, sampled in a forked RNG so that evaluating never
+        changes the training trajectory."""
+        tok = self.tokenizer
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            rollouts, proxy = sample_and_score(policy, self.prompts[:params.eval_prompts], score_fn,
+                                               tok.eos_token_id, _pad_id(tok), params.batch_size, device)
+        prompt_texts, response_texts = [], []
+        for r in rollouts:
+            prompt_texts += _decode(tok, r.query, r.query_mask)
+            response_texts += _decode(tok, r.response, r.response_mask)
+        gold = torch.tensor([float(g) for g in self.gold_fn(prompt_texts, response_texts)])
+        return {"gold": gold.mean().item(), "proxy": proxy.mean().item()}
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from one update to the next; a checkpoint saves exactly this (and the RNGs)."""
+
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    kl_ctl: FixedKLController | AdaptiveKLController
+    shuffle_rng: torch.Generator
+    score_stats: tuple[float, float] = (0.0, 1.0)
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    update: int = 0  # updates done
 
 
 def derived_seed(seed: int, *keys: object) -> int:
@@ -587,23 +775,6 @@ def prompt_indices(n_prompts: int, seed: int, first: int, count: int) -> list[in
 def _decode(tokenizer: Any, ids: Tensor, mask: Tensor) -> list[str]:
     rows = zip(ids, mask, strict=True)
     return [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True) for row, m in rows]
-
-
-def _evaluate(policy: PolicyWithValue, tokenizer: Any, eval_prompts: Sequence[Sequence[int]], score_fn: ScoreFn,
-              gold_fn: GoldFn, params: PPOParams, device: torch.device, seed: int) -> dict[str, float]:
-    """Gold and proxy score of the current policy on a fixed prompt set, sampled with a fixed seed in a forked
-    RNG so that evaluating never changes the training trajectory."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        rollouts, proxy = sample_and_score(policy, eval_prompts, score_fn, tokenizer.eos_token_id,
-                                           _pad_id(tokenizer), params.batch_size, device)
-    prompt_texts, response_texts = [], []
-    for r in rollouts:
-        prompt_texts += _decode(tokenizer, r.query, r.query_mask)
-        response_texts += _decode(tokenizer, r.response, r.response_mask)
-    gold = torch.tensor([float(g) for g in gold_fn(prompt_texts, response_texts)])
-    return {"gold": gold.mean().item(), "proxy": proxy.mean().item()}
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -645,214 +816,121 @@ def mean_over_processes(stats: dict[str, float], procs: Processes) -> dict[str, 
     return {**stats, **dict(zip(keys, means, strict=True))}
 
 
-def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequence[int]], score_fn: ScoreFn,
-              params: PPOParams, *, device: torch.device | str, seed: int,
-              on_log: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True,
-              gold_fn: GoldFn | None = None, eval_prompts: Sequence[Sequence[int]] | None = None,
-              score_stats: tuple[float, float] | None = None, checkpoint_dir: str | Path | None = None,
-              fingerprint: str = "", procs: Processes = SINGLE, loss_scaling: bool | None = None) -> PPOResult:
-    """Run PPO on `policy` for total_episodes // batch_size updates; returns the per-update stats.
-
-    prompts / eval_prompts: token-id lists (already formatted and tokenized). score_fn: raw scores of a batch
-    (see ScoreFn; `reward_model_score_fn` wraps an RM). tokenizer: pad/eos ids, and decoding for gold_fn.
-    score_stats: a known (mean, std) of the raw score; by default measured on SFT samples when normalize_score
-    (else (0, 1)). The score PPO maximises is (raw - mean) / std - missing_eos_penalty * [no EOS].
-    gold_fn + eval_prompts: every eval_every updates (and before the first and after the last) the first
-    params.eval_prompts prompts are sampled with a fixed seed and scored by gold_fn ("gold") and score_fn
-    ("proxy", raw); results go into that update's stats and into PPOResult.evals (update 0 = SFT policy).
-    on_log(update, stats) is called every log_every updates.
-    checkpoint_dir: every checkpoint_every updates the loop's whole state goes to checkpoint_dir/CHECKPOINT_FILE,
-    and a run that finds one there (made with the same fingerprint, params, seed and prompt count) continues from
-    it: the result equals an uninterrupted run's. Deleting it once the outputs are saved is the caller's job.
-    procs: in a DDP run (edgerlhf.distributed) each process samples its own ppo.batch_size episodes per update
-    (an update is batch_size * world_size episodes), gradients are averaged over the processes before every
-    optimizer step, and the logged stats are means over all processes' episodes; every replica takes the same steps.
-    loss_scaling: dynamic loss scaling (torch GradScaler) of the backward pass; default: when the backbone is fp16,
-    whose small gradients would otherwise underflow to zero.
-    """
-    from tqdm.auto import tqdm
-
-    world, rank = procs.world_size, procs.rank
-    _check_params(params, len(prompts), world)
-    _check_length(policy, prompts, params)
-    device = torch.device(device)
-    eos_id, pad_id = tokenizer.eos_token_id, _pad_id(tokenizer)
-    # Each process samples its own episodes (process 0 exactly as a single-process run does).
-    runtime.seed_everything(seed + rank)
-    shuffle_rng = torch.Generator().manual_seed(seed + rank)  # minibatch shuffles (and the score-normalisation sample)
-    configure_sampling(policy, params, eos_id, pad_id)
-    start_time = time.perf_counter()
-
+def init_loop(policy: PolicyWithValue, params: PPOParams, seed: int, procs: Processes, device: torch.device,
+              loss_scaling: bool | None) -> LoopState:
+    """Seed this process, make every replica's trainable weights identical, build AdamW, the loss scaler and the
+    KL controller."""
+    runtime.seed_everything(seed + procs.rank)  # each process samples its own episodes (process 0 as a single run)
+    shuffle_rng = torch.Generator().manual_seed(seed + procs.rank)  # minibatch shuffles, score-norm sample
     trainable = [p for p in policy.parameters() if p.requires_grad]
     procs.broadcast_parameters(trainable)  # the replicas were built alike; make certain they start identical
     # weight_decay 0 as in TRL's PPO: decaying LoRA weights would pull the policy towards SFT behind beta's back
     optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, eps=params.adam_eps, weight_decay=0.0)
-    if loss_scaling is None:
+    if loss_scaling is None:  # fp16's small gradients would underflow to zero without it
         loss_scaling = next(policy.model.get_base_model().parameters()).dtype == torch.float16
     # Disabled, the scaler is the identity: scale() returns the loss, step() is optimizer.step().
     scaler = torch.amp.GradScaler(device.type, enabled=loss_scaling)
-    kl_ctl = make_kl_controller(params)
-    episodes_per_update = params.batch_size * world
-    num_updates = params.total_episodes // episodes_per_update
-    minibatch_episodes = params.mini_batch_size * params.gradient_accumulation_steps
-    eval_set = list(eval_prompts[:params.eval_prompts]) if (gold_fn and eval_prompts) else []
-    history: list[dict[str, float]] = []
-    evals: list[dict[str, float]] = []
+    return LoopState(optimizer, scaler, make_kl_controller(params), shuffle_rng)
 
-    checkpoint = (Path(checkpoint_dir) / checkpoint_name(procs)) if checkpoint_dir and params.checkpoint_every else None
-    run_id = checkpoint_identity(fingerprint, params, seed, len(prompts))
-    resumed = None
-    if checkpoint is not None and agree_on_checkpoint(checkpoint, run_id, procs):
-        resumed = load_checkpoint(checkpoint, policy, optimizer, kl_ctl, shuffle_rng, scaler)
-    if resumed is not None:
-        # policy, optimizer, beta and every RNG are as they were after update `start`
-        start, score_stats, history, evals = resumed
-        log.info("PPO: resumed from update %d of %d (%s)", start, num_updates, checkpoint)
-    else:
-        start = 0
-        # Score normalisation: measured once, on the SFT policy, before any update.
-        if score_stats is None:
-            score_stats = ((0.0, 1.0) if not params.normalize_score else
-                           measure_score_stats(policy, prompts, score_fn, params, eos_id, pad_id, device, shuffle_rng,
-                                               procs))
-        if eval_set and params.eval_every:
-            evals.append({"update": 0.0, **_evaluate(policy, tokenizer, eval_set, score_fn, gold_fn, params, device,
-                                                     seed + 1)})
-    score_mean, score_std = score_stats
-    bar = tqdm(range(start + 1, num_updates + 1), initial=start, total=num_updates, desc="ppo", unit="update",
-               disable=not progress)
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, params: PPOParams, update: int, num_updates: int) -> float:
+    """The learning rate of `update` (1-based): constant, or linear decay to 0 over the run."""
+    lr = params.learning_rate
+    if params.lr_schedule == "linear":
+        lr *= 1.0 - (update - 1) / num_updates
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequence[int]], score_fn: ScoreFn,
+              params: PPOParams, *, device: torch.device | str, seed: int,
+              on_log: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True,
+              evaluator: Evaluator | None = None, score_stats: tuple[float, float] | None = None,
+              checkpoint: Checkpointing | None = None, procs: Processes = SINGLE,
+              loss_scaling: bool | None = None) -> PPOResult:
+    """Run PPO on `policy` for total_episodes // (batch_size * processes) updates; returns the per-update stats.
+
+    prompts: token-id lists (formatted and tokenized). score_fn: raw scores of a batch (see ScoreFn;
+    `reward_model_score_fn` wraps an RM). tokenizer: pad/eos ids. score_stats: a known (mean, std) of the raw
+    score; by default measured on SFT samples when normalize_score (else (0, 1)). evaluator: run before the first
+    update, every eval_every updates and after the last (update 0 = the SFT policy); its gold/proxy go into that
+    update's stats and into PPOResult.evals. on_log(update, stats) every log_every updates. checkpoint: the loop's
+    state every checkpoint_every updates; a run that finds a checkpoint of the same run continues from it and
+    ends as an uninterrupted run would. procs: in a DDP run each process samples its own batch_size episodes per
+    update, gradients are averaged before every optimizer step and the stats are means over all processes.
+    loss_scaling: a GradScaler on the backward pass (default: when the backbone is fp16).
+    """
+    from tqdm.auto import tqdm
+
+    _check_params(params, len(prompts), procs.world_size)
+    _check_length(policy, prompts, params)
+    device = torch.device(device)
+    eos_id, pad_id = tokenizer.eos_token_id, _pad_id(tokenizer)
+    configure_sampling(policy, params, eos_id, pad_id)
+    start_time = time.perf_counter()
+    state = init_loop(policy, params, seed, procs, device, loss_scaling)
+    per_update = params.batch_size * procs.world_size
+    num_updates = params.total_episodes // per_update
+    evaluate = evaluator if (evaluator is not None and evaluator.prompts and params.eval_every) else None
+    run_id = checkpoint_identity(checkpoint.fingerprint if checkpoint else "", params, seed, len(prompts))
+    ckpt = checkpoint.file(procs) if checkpoint and params.checkpoint_every else None
+    if ckpt is not None and agree_on_checkpoint(ckpt, run_id, procs):
+        load_checkpoint(ckpt, policy, state)  # policy, optimizer, beta and every RNG as after update state.update
+        log.info("PPO: resumed from update %d of %d (%s)", state.update, num_updates, ckpt)
+    else:  # the score normalisation is measured once, on the SFT policy, before any update
+        state.score_stats = score_stats or ((0.0, 1.0) if not params.normalize_score else measure_score_stats(
+            policy, prompts, score_fn, params, eos_id, pad_id, device, state.shuffle_rng, procs))
+        if evaluate:
+            state.evals.append({"update": 0.0, **evaluate(policy, score_fn, params, device)})
+    start = state.update
+    bar = tqdm(range(start + 1, num_updates + 1), initial=state.update, total=num_updates, desc="ppo",
+               unit="update", disable=not progress)
     for update in bar:
-        # -- learning rate: constant, or linear decay to 0 over the run
-        lr = params.learning_rate
-        if params.lr_schedule == "linear":
-            lr *= 1.0 - (update - 1) / num_updates
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        # -- 1. rollout: sample, then score and evaluate log-probs/values by separate no-grad forwards
-        episode = (update - 1) * episodes_per_update + rank * params.batch_size  # this process's first episode
-        batch_prompts = [prompts[i] for i in prompt_indices(len(prompts), seed, episode, params.batch_size)]
-        query, query_mask = left_pad(batch_prompts, pad_id, device)
-        ro = generate_responses(policy, query, query_mask, eos_id, pad_id)
-        mask = ro.response_mask.float()
-        logp_old, values_old, entropy = rollout_logprobs_values(policy, ro, params.temperature,
-                                                                params.logprob_chunk_size)
-        ref_logp, _, _ = rollout_logprobs_values(policy, ro, params.temperature, params.logprob_chunk_size,
-                                                 reference=True)
-        with torch.no_grad():
-            raw_score = score_fn(ro.query, ro.query_mask, ro.response, ro.response_mask).float().to(device)
-            # normalised score; a response cut off before EOS is penalised (in normalised units)
-            score = (raw_score - score_mean) / score_std - params.missing_eos_penalty * (~ro.has_eos).float()
-
-            # -- 2. per-token rewards, advantages, returns
-            beta = kl_ctl.value
-            kl = kl_penalty(logp_old, ref_logp, params.kl_estimator) * mask
-            rewards = per_token_rewards(score, kl, mask, beta)
-            if params.whiten_rewards:
-                rewards = masked_whiten(rewards, mask, shift_mean=False)
-            values_old = values_old * mask
-            advantages, returns = gae(rewards, values_old, mask, params.gamma, params.lam)
-            advantages = masked_whiten(advantages, mask)
-
-        # -- 3. PPO epochs over shuffled minibatches, micro-batches with gradient accumulation
-        policy.train()  # dropout is off; train mode only switches gradient checkpointing on
-        input_ids, attention_mask = ro.input_ids, ro.attention_mask
-        sums: dict[str, float] = {"policy_loss": 0.0, "value_loss": 0.0, "approx_kl": 0.0, "clipfrac": 0.0,
-                                  "vf_clipfrac": 0.0, "grad_norm": 0.0}
-        n_micro, n_steps, n_skipped, ratio_dev_first = 0, 0, 0, 0.0
-        for _epoch in range(params.ppo_epochs):
-            perm = torch.randperm(params.batch_size, generator=shuffle_rng).to(device)
-            for mb_start in range(0, params.batch_size, minibatch_episodes):
-                optimizer.zero_grad(set_to_none=True)
-                for micro_start in range(mb_start, mb_start + minibatch_episodes, params.mini_batch_size):
-                    idx = perm[micro_start:micro_start + params.mini_batch_size]
-                    m = mask[idx]
-                    logits, logp_new, values_new = forward_response(policy, input_ids[idx], attention_mask[idx],
-                                                                    ro.response[idx], params.temperature)
-                    pg_loss, clipfrac, approx_kl = clipped_policy_loss(logp_new, logp_old[idx], advantages[idx], m,
-                                                                       params.cliprange)
-                    vf_loss, vf_clipfrac = clipped_value_loss(values_new, values_old[idx], returns[idx], m,
-                                                              params.cliprange_value)
-                    loss = pg_loss + params.vf_coef * vf_loss
-                    if params.ent_coef > 0:
-                        loss = loss - params.ent_coef * masked_mean(entropy_from_logits(logits), m)
-                    del logits
-                    if not torch.isfinite(loss):
-                        raise EdgeRLHFError(f"PPO diverged: non-finite loss at update {update}; lower "
-                                            "ppo.learning_rate or ppo.max_grad_norm")
-                    scaler.scale(loss / params.gradient_accumulation_steps).backward()
-                    if n_steps == 0:  # before the first optimizer step the policy IS the sampling policy
-                        with torch.no_grad():
-                            log_ratio = (logp_new - logp_old[idx]).abs() * m
-                            ratio_dev_first = max(ratio_dev_first, log_ratio.max().item())
-                    for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("approx_kl", approx_kl),
-                                       ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac)):
-                        sums[key] += value.item()
-                    n_micro += 1
-                # every process now holds the gradient of its share of the minibatch: average them (DDP)
-                procs.all_reduce_gradients(trainable)
-                scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm))
-                if scaler.is_enabled() and not math.isfinite(grad_norm):
-                    n_skipped += 1  # fp16 overflow: the scaler skips this step and lowers its scale
-                else:
-                    sums["grad_norm"] += grad_norm
-                scaler.step(optimizer)
-                scaler.update()
-                n_steps += 1
-        optimizer.zero_grad(set_to_none=True)
-
-        # -- 4. stats, KL control
-        with torch.no_grad():
-            kl_sum = kl.sum(1)  # KL of each episode: sum over its tokens
-            stats = {
-                "update": float(update),
-                "episodes": float(update * episodes_per_update),
-                "score": raw_score.mean().item(),
-                "score_norm": score.mean().item(),
-                "kl": kl_sum.mean().item(),
-                "rlhf_reward": (score - beta * kl_sum).mean().item(),
-                "entropy": masked_mean(entropy, mask).item(),
-                **{k: v / (max(n_steps - n_skipped, 1) if k == "grad_norm" else n_micro) for k, v in sums.items()},
-                "explained_variance": explained_variance(returns, values_old, mask),
-                # max |log rho| before the first optimizer step: 0 unless the training forward differs from the
-                # rollout forward (dropout, position ids, precision) -- PPO's clipping would then be biased
-                "ratio_dev_first": ratio_dev_first,
-                "beta": beta,
-                "lr": lr,
-                "response_tokens": mask.sum(1).mean().item(),
-                "no_eos_fraction": (~ro.has_eos).float().mean().item(),
-                "skipped_steps": float(n_skipped),
-            }
-            stats = mean_over_processes(stats, procs)
-        kl_ctl.update(stats["kl"], episodes_per_update)
-        if eval_set and params.eval_every and (update % params.eval_every == 0 or update == num_updates):
-            result = _evaluate(policy, tokenizer, eval_set, score_fn, gold_fn, params, device, seed + 1)
-            evals.append({"update": float(update), **result})
-            stats.update(result)
-        history.append(stats)
+        lr = set_learning_rate(state.optimizer, params, update, num_updates)
+        first = (update - 1) * per_update + procs.rank * params.batch_size  # this process's first episode
+        batch_prompts = [prompts[i] for i in prompt_indices(len(prompts), seed, first, params.batch_size)]
+        batch = collect_rollouts(policy, batch_prompts, score_fn, state.score_stats, params, eos_id, pad_id, device)
+        beta = state.kl_ctl.value
+        adv = compute_advantages(batch, beta, params)
+        update_stats = ppo_update(policy, state.optimizer, state.scaler, batch, adv, params, state.shuffle_rng, procs)
+        stats = mean_over_processes({"update": float(update), "episodes": float(update * per_update),
+                                     **rollout_stats(batch, adv, beta), **update_stats, "beta": beta, "lr": lr}, procs)
+        state.kl_ctl.update(stats["kl"], per_update)
+        if evaluate and (update % params.eval_every == 0 or update == num_updates):
+            stats.update(evaluate(policy, score_fn, params, device))
+            state.evals.append({"update": float(update), "gold": stats["gold"], "proxy": stats["proxy"]})
+        state.history.append(stats)
+        state.update = update
         bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
         if on_log is not None and update % params.log_every == 0:
             on_log(update, stats)
         if not all(math.isfinite(v) for k, v in stats.items() if k != "explained_variance"):
             raise EdgeRLHFError(f"PPO diverged at update {update} (non-finite stats); lower ppo.learning_rate")
-
-        # -- 5. checkpoint (not after the last update: the caller saves the result right away)
-        if checkpoint and update % params.checkpoint_every == 0 and update < num_updates:
-            save_checkpoint(checkpoint, run_id, update, policy, optimizer, kl_ctl, shuffle_rng, score_stats,
-                            history, evals, scaler)
-
+        if ckpt is not None and update % params.checkpoint_every == 0 and update < num_updates:
+            save_checkpoint(ckpt, run_id, policy, state)  # not after the last: the caller saves the result
     policy.eval()
     wall = time.perf_counter() - start_time
-    episodes = num_updates * episodes_per_update
-    episodes_run = (num_updates - start) * episodes_per_update  # by this call: a resumed run's throughput is its own
-    return PPOResult(history=history, score_mean=score_mean, score_std=score_std, episodes=episodes,
-                     updates=num_updates, wall_time_s=wall, episodes_per_s=episodes_run / wall if wall > 0 else 0.0,
-                     evals=evals)
+    episodes_run = (num_updates - start) * per_update  # by this call: a resumed run's throughput is its own
+    return PPOResult(history=state.history, score_mean=state.score_stats[0], score_std=state.score_stats[1],
+                     episodes=num_updates * per_update, updates=num_updates, wall_time_s=wall,
+                     episodes_per_s=episodes_run / wall if wall > 0 else 0.0, evals=state.evals)
 
 
-# =========================================================================== 7. resumable checkpoints
+# =========================================================================== 8. resumable checkpoints
+
+
+@dataclass
+class Checkpointing:
+    """Where the loop keeps its checkpoints, and the caller's fingerprint (stage, all params, input files) that a
+    checkpoint must carry to be resumed."""
+
+    dir: str | Path
+    fingerprint: str = ""
+
+    def file(self, procs: Processes) -> Path:
+        """This process's checkpoint file: in a DDP run each process keeps its own (its RNG states differ)."""
+        return Path(self.dir) / checkpoint_name(procs)
 
 
 def checkpoint_identity(fingerprint: str, params: PPOParams, seed: int, n_prompts: int) -> str:
@@ -895,10 +973,9 @@ def agree_on_checkpoint(path: Path, run_id: str, procs: Processes) -> bool:
     return False
 
 
-def save_checkpoint(path: Path, run_id: str, update: int, policy: PolicyWithValue, optimizer: torch.optim.Optimizer,
-                    kl_ctl: FixedKLController | AdaptiveKLController, shuffle_rng: torch.Generator,
-                    score_stats: tuple[float, float], history: list[dict[str, float]],
-                    evals: list[dict[str, float]], scaler: torch.amp.GradScaler | None = None) -> None:
+
+
+def save_checkpoint(path: Path, run_id: str, policy: PolicyWithValue, state: LoopState) -> None:
     """Everything the loop carries from one update to the next, in one safetensors file (no pickle): trainable
     weights (LoRA + value head), AdamW moments, every RNG state as tensors; beta, score normalisation, loss scale,
     history and evaluations as JSON metadata. Written to a temporary file and renamed, so a kill never leaves half
@@ -907,33 +984,30 @@ def save_checkpoint(path: Path, run_id: str, update: int, policy: PolicyWithValu
     from safetensors.torch import save_file
 
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in policy.named_parameters() if p.requires_grad}
-    optim = optimizer.state_dict()
-    for index, state in optim["state"].items():
-        for key, value in state.items():
+    optim = state.optimizer.state_dict()
+    for index, opt_state in optim["state"].items():
+        for key, value in opt_state.items():
             tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.shuffle"] = shuffle_rng.get_state()
+    tensors["rng.shuffle"] = state.shuffle_rng.get_state()
     if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = state
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = rng
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(np_keys.astype(np.int64))
-    meta = {"run": run_id, "update": update, "beta": kl_ctl.value, "score_stats": list(score_stats),
-            "grad_scaler": scaler.state_dict() if scaler is not None else {},
-            "history": history, "evals": evals, "optim_param_groups": optim["param_groups"],
-            "python_random": random.getstate(), "numpy_random": [np_kind, np_pos, np_has_gauss, np_gauss]}
+    meta = {"run": run_id, "update": state.update, "beta": state.kl_ctl.value, "score_stats": list(state.score_stats),
+            "grad_scaler": state.scaler.state_dict(), "history": state.history, "evals": state.evals,
+            "optim_param_groups": optim["param_groups"], "python_random": random.getstate(),
+            "numpy_random": [np_kind, np_pos, np_has_gauss, np_gauss]}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, policy: PolicyWithValue, optimizer: torch.optim.Optimizer,
-                    kl_ctl: FixedKLController | AdaptiveKLController, shuffle_rng: torch.Generator,
-                    scaler: torch.amp.GradScaler | None = None
-                    ) -> tuple[int, tuple[float, float], list[dict[str, float]], list[dict[str, float]]]:
-    """Restore `save_checkpoint`'s state into policy, optimizer, KL controller and RNGs; returns (update, score
-    stats, history, evals). Only for a checkpoint `agree_on_checkpoint` accepted (ours, readable header)."""
+def load_checkpoint(path: Path, policy: PolicyWithValue, state: LoopState) -> None:
+    """Restore `save_checkpoint`'s state into the policy, `state` and the RNGs. Only for a checkpoint that
+    `agree_on_checkpoint` accepted (ours, readable header)."""
     import numpy as np
     from safetensors import SafetensorError, safe_open
 
@@ -948,18 +1022,18 @@ def load_checkpoint(path: Path, policy: PolicyWithValue, optimizer: torch.optim.
         for name, p in policy.named_parameters():
             if p.requires_grad:
                 p.copy_(tensors[f"param.{name}"])
-    state: dict[int, dict[str, Tensor]] = {}
+    optim_state: dict[int, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
+            optim_state.setdefault(int(index), {})[name] = value
     groups = [{**g, "betas": tuple(g["betas"])} for g in meta["optim_param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    kl_ctl.value = meta["beta"]
-    if scaler is not None and meta.get("grad_scaler"):
-        scaler.load_state_dict(meta["grad_scaler"])
+    state.optimizer.load_state_dict({"state": optim_state, "param_groups": groups})
+    state.kl_ctl.value = meta["beta"]
+    if meta.get("grad_scaler"):
+        state.scaler.load_state_dict(meta["grad_scaler"])
     torch.set_rng_state(tensors["rng.torch"])
-    shuffle_rng.set_state(tensors["rng.shuffle"])
+    state.shuffle_rng.set_state(tensors["rng.shuffle"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
                                       if f"rng.cuda.{i}" in tensors])
@@ -967,5 +1041,5 @@ def load_checkpoint(path: Path, policy: PolicyWithValue, optimizer: torch.optim.
     random.setstate((version, tuple(internal), gauss))
     np_kind, np_pos, np_has_gauss, np_gauss = meta["numpy_random"]
     np.random.set_state((np_kind, tensors["rng.numpy"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    mean, std = meta["score_stats"]
-    return meta["update"], (mean, std), meta["history"], meta["evals"]
+    state.update, state.history, state.evals = meta["update"], meta["history"], meta["evals"]
+    state.score_stats = tuple(meta["score_stats"])

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from edgerlhf import paths
+from edgerlhf.config import SPLITS
 from edgerlhf.errors import ArtifactError, EdgeRLHFError
 
 FLOAT_DECIMALS = 3
-SPLITS = ("sft_train", "sft_eval", "rm_train", "rm_test", "ppo_prompts", "eval_prompts", "judge_train")
 # A number standing alone: not part of an identifier such as bf16 / int8 / ppo_int4, sign included.
 NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?!\w)(?!\.\d)")
 

@@ -67,7 +67,6 @@ def train_reward(params: Params, sft_dir: Path, precision: str, train_records: l
     counted (`train_pairs_too_long`), never silently. Checkpoints every reward.checkpoint_every steps into
     `work_dir` and resumes from the newest one found there (the caller claims it: `resume.claim`)."""
     from datasets import Dataset
-    from peft import LoraConfig, TaskType
     from trl import RewardConfig, RewardTrainer
 
     rp = params.reward
@@ -86,8 +85,8 @@ def train_reward(params: Params, sft_dir: Path, precision: str, train_records: l
         log.info("reward@%s: dropped %d of %d training pairs longer than reward.max_length=%d tokens",
                  precision, too_long, len(train_records), rp.max_length)
     targets = modeling.lora_targets(model, params.lora.target_modules)
-    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=params.lora.r, lora_alpha=params.lora.alpha,
-                      lora_dropout=params.lora.dropout, target_modules=targets, modules_to_save=["score"])
+    lora = modeling.lora_config(model, "SEQ_CLS", params.lora.r, params.lora.alpha, params.lora.dropout, targets,
+                                modules_to_save=["score"])
     args = RewardConfig(
         output_dir=str(work_dir), seed=params.seed, data_seed=params.seed,
         learning_rate=rp.learning_rate, per_device_train_batch_size=rp.per_device_train_batch_size,

@@ -139,10 +139,6 @@ def write_json(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
 def remove_outputs(*paths: str | Path) -> None:
     """Remove stale outputs before a stage starts, so a failure cannot leave the previous run's files behind."""
     for p in map(Path, paths):

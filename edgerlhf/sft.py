@@ -29,15 +29,13 @@ def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_re
     Checkpoints every sft.checkpoint_every steps into `work_dir` and resumes from the newest one found there
     (the caller makes sure it belongs to this work: `resume.claim`)."""
     from datasets import Dataset
-    from peft import LoraConfig, TaskType
     from trl import SFTConfig, SFTTrainer
 
     sp = params.sft
     tokenizer = modeling.load_tokenizer(base_dir, params.model.trust_remote_code)
     model = modeling.load_causal_lm(base_dir, device, trust_remote_code=params.model.trust_remote_code)
     targets = modeling.lora_targets(model, params.lora.target_modules)
-    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=params.lora.r, lora_alpha=params.lora.alpha,
-                      lora_dropout=params.lora.dropout, target_modules=targets)
+    lora = modeling.lora_config(model, "CAUSAL_LM", params.lora.r, params.lora.alpha, params.lora.dropout, targets)
     args = SFTConfig(
         output_dir=str(work_dir), seed=params.seed, data_seed=params.seed,
         learning_rate=sp.learning_rate, per_device_train_batch_size=sp.per_device_train_batch_size,

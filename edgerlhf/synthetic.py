@@ -173,11 +173,6 @@ def generate_split(n: int, seed: int, split: str) -> list[dict[str, str]]:
     return [sample_pair(rng) for _ in range(n)]
 
 
-def all_questions() -> list[str]:
-    """Every prompt the task can ask (for corpus building and coverage checks)."""
-    return [format_prompt(q.format(s=s)) for spec in KINDS.values() for q in spec["questions"] for s in spec["facts"]]
-
-
 def knowledge_corpus() -> list[str]:
     """Plain statements of every fact ("The sky is blue."): the world knowledge a pretrained LM brings.
 

@@ -2,7 +2,7 @@
 
 from edgerlhf import distributed, modeling, paths, resume
 from edgerlhf.config import load_precision_stage
-from edgerlhf.policy import run_ppo
+from edgerlhf.ppo_stage import run_ppo
 from edgerlhf.runtime import Timer, log, remove_outputs, run_stage, write_csv, write_json
 
 

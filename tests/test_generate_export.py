@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -19,6 +20,16 @@ from edgerlhf import export as E
 from edgerlhf import generate as G
 from edgerlhf.synthetic import format_prompt, gold_score
 from tests.conftest import tool_env
+
+
+def parse_metrics_tables(card: str) -> list[tuple[str, str, Any]]:
+    """Every `file | key | value` row of a card, parsed back (the inverse of `metrics_table`)."""
+    rows = []
+    for line in card.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and cells[1].startswith("`"):
+            rows.append((cells[0].strip("`"), cells[1].strip("`"), json.loads(cells[2])))
+    return rows
 
 POLICIES = ["sft", "ppo@bf16", "ppo@int8", "ppo@int4"]
 RMS = ["rm@bf16", "rm@int8", "rm@int4"]
@@ -183,7 +194,7 @@ def test_exported_model_equals_the_adapter_model(pipeline_run, exported):
 @pytest.mark.slow
 def test_model_card_numbers_match_the_metrics_files(pipeline_run, exported):
     card = (exported / "README.md").read_text()
-    rows = E.parse_metrics_tables(card)
+    rows = parse_metrics_tables(card)
     seen: dict[str, set] = {}
     for file, key, value in rows:
         metrics = E.flatten(json.loads((pipeline_run / file).read_text()))

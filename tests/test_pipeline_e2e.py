@@ -55,7 +55,7 @@ def test_reward_metrics_are_the_runs_own(run):
 
 
 def test_reloaded_reward_model_gives_the_same_scores(run):
-    """Plain transformers + peft (as the README documents) reproduce the stage's rm_test scores."""
+    """Plain transformers + peft (as docs/stages.md documents) reproduce the stage's rm_test scores."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig

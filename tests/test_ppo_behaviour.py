@@ -1,4 +1,4 @@
-"""Behavioural PPO test (calibrated in /work/shared/ppo-notes.md): on a toy task PPO must raise the reward,
+"""Behavioural PPO test (calibration in docs/ppo.md, "Test oracles"): on a toy task PPO must raise the reward,
 and the KL penalty must hold the policy near the reference. Runs through `edgerlhf.ppo.train_ppo`, the same
 loop the ppo stage uses.
 
@@ -32,7 +32,7 @@ def toy_setup(beta: float, seed: int = 0, updates: int = UPDATES, batch: int = B
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t1", unk_token="t2")
     torch.manual_seed(seed)
-    # initializer_range 0.2: at 0.02 LoRA stalls with p(target) ~ 0.17 (ppo-notes)
+    # initializer_range 0.2: at 0.02 LoRA stalls with p(target) ~ 0.17 (docs/ppo.md)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=16, n_positions=32, n_embd=64, n_layer=2, n_head=4,
                                        initializer_range=0.2, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD))
     g = torch.Generator().manual_seed(seed)

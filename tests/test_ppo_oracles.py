@@ -1,4 +1,4 @@
-"""Exact oracles for edgerlhf.ppo (values from /work/shared/ppo-notes.md, CPU fp32)."""
+"""Exact oracles for edgerlhf.ppo (CPU fp32; each value's provenance is in docs/ppo.md, "Test oracles")."""
 
 from __future__ import annotations
 
@@ -336,8 +336,8 @@ def test_same_seed_bit_identical_and_eval_does_not_perturb_training():
     def gold(prompts, responses):
         return [float(r.count("t3")) for r in responses]
 
-    a = run(params, gold_fn=gold, eval_prompts=toy_prompts(4, seed=1))
-    b = run(params, gold_fn=gold, eval_prompts=toy_prompts(4, seed=1))
+    a = run(params, evaluator=ppo.Evaluator(gold, toy_prompts(4, seed=1), tiny_tokenizer(), seed=1))
+    b = run(params, evaluator=ppo.Evaluator(gold, toy_prompts(4, seed=1), tiny_tokenizer(), seed=1))
     c = run(params)
     assert [repr(h) for h in a.history] == [repr(h) for h in b.history]
     assert [e["update"] for e in a.evals] == [0.0, 1.0, 2.0]  # update 0 = the SFT policy, before training

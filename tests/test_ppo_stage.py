@@ -38,7 +38,7 @@ def _load(run: Path, precision: str):
 
 
 def test_reload_reproduces_policy_logprobs(pipeline_run):
-    from edgerlhf.policy import PROBE_FILE, probe_logprobs
+    from edgerlhf.ppo_stage import PROBE_FILE, probe_logprobs
 
     for p in PRECISIONS:
         saved = json.loads((pipeline_run / f"models/ppo/{p}" / PROBE_FILE).read_text())
@@ -54,7 +54,7 @@ def test_reload_reproduces_policy_logprobs(pipeline_run):
 def test_reference_is_the_sft_policy(pipeline_run):
     """Adapter disabled == the merged SFT model itself, so KL is measured against SFT."""
     from edgerlhf import modeling, ppo
-    from edgerlhf.policy import probe_logprobs
+    from edgerlhf.ppo_stage import probe_logprobs
 
     saved = json.loads((pipeline_run / "models/ppo/int4/probe_logprobs.json").read_text())
     policy, tok, dev = _load(pipeline_run, "int4")

@@ -45,9 +45,11 @@ def _run(params, checkpoint_dir=None, fingerprint="", stop_at=None) -> ppo.PPORe
         if update == stop_at:
             raise Interrupted
 
-    return ppo.train_ppo(tiny_policy(params), tiny_tokenizer(), toy_prompts(), count_target, params, device="cpu",
-                         seed=0, progress=False, gold_fn=_gold, eval_prompts=toy_prompts(4, seed=1), on_log=on_log,
-                         checkpoint_dir=checkpoint_dir, fingerprint=fingerprint)
+    tokenizer = tiny_tokenizer()
+    return ppo.train_ppo(tiny_policy(params), tokenizer, toy_prompts(), count_target, params, device="cpu",
+                         seed=0, progress=False, evaluator=ppo.Evaluator(_gold, toy_prompts(4, seed=1), tokenizer, 1),
+                         on_log=on_log, checkpoint=ppo.Checkpointing(checkpoint_dir, fingerprint) if checkpoint_dir
+                         else None)
 
 
 def _same(a: ppo.PPOResult, b: ppo.PPOResult) -> None:

@@ -81,11 +81,11 @@ def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, *, ch
     log.info("PPO: %d prompts, %d updates of %d episodes (%s), %d trainable params (LoRA r=%d + value head), "
              "gold judge: %s", len(prompts), params.ppo.total_episodes // per_update, per_update, procs.describe(),
              trainable, params.ppo.lora_r, "rules" if gold else "none")
+    evaluator = (ppo.Evaluator(gold, tokenize_prompts(tokenizer, eval_records), tokenizer, params.seed + 1)
+                 if gold else None)
     result = ppo.train_ppo(policy, tokenizer, prompts, score_fn, params.ppo, device=device.torch_device,
-                           seed=params.seed, gold_fn=gold,
-                           eval_prompts=tokenize_prompts(tokenizer, eval_records) if gold else None,
-                           checkpoint_dir=checkpoint_dir, fingerprint=fingerprint, procs=procs,
-                           progress=procs.is_main)
+                           seed=params.seed, evaluator=evaluator, procs=procs, progress=procs.is_main,
+                           checkpoint=ppo.Checkpointing(checkpoint_dir, fingerprint) if checkpoint_dir else None)
 
     ppo.save_policy(policy, out_dir, (result.score_mean, result.score_std))
     tokenizer.save_pretrained(out_dir)
