@@ -1,13 +1,16 @@
 # EdgeRLHF: `make smoke` and `make test` are the quick start; `make all` is the real run on an 8 GB GPU.
 SHELL := /bin/bash
-# The lock is compiled for Python 3.11; the Docker image sets VENV=/opt/venv.
-PYTHON ?= python3.11
+# The lock is compiled for Python 3.11. `make setup` finds one (or has uv fetch one) by the rule in
+# edgerlhf/bootstrap.py; PYTHON=/path/to/python overrides it. The Docker image sets VENV=/opt/venv.
+PYTHON ?=
 VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is pinned here and installed before the lock (which leaves it out): on a CPU-only machine
 # `pip install torch==X` takes the CPU build; the Docker image installs the CUDA build of the same version.
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
+# The PATH as the user has it: setup looks for interpreters there, not in the venv it is (re)building.
+USER_PATH := $(PATH)
 export PATH := $(abspath $(BIN)):$(PATH)
 export PYTHONUNBUFFERED := 1
 
@@ -26,13 +29,12 @@ else
 setup: $(STAMP)
 endif
 
-$(STAMP): requirements.lock pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q --no-deps -r requirements.lock
-	$(BIN)/python -m pip install -q --no-deps -e .
-	$(BIN)/python -m pip check
-	touch $(STAMP)
+# Any python3 runs the bootstrap (standard library only); it picks the venv's interpreter itself.
+$(STAMP): requirements.lock pyproject.toml edgerlhf/bootstrap.py
+	@PATH='$(USER_PATH)'; command -v $(or $(PYTHON),python3) >/dev/null || { echo "make setup: no python3 on PATH: install Python 3 \
+	(3.11 preferred; e.g. sudo apt install python3.11 python3.11-venv)" >&2; exit 1; }
+	@PATH='$(USER_PATH)' $(or $(PYTHON),python3) edgerlhf/bootstrap.py --venv $(VENV) --torch $(TORCH_VERSION) --stamp $(STAMP) \
+	    $(if $(PYTHON),--python $(PYTHON))
 
 all: setup
 	dvc repro
@@ -41,8 +43,9 @@ smoke: setup
 	$(BIN)/python -m edgerlhf.smoke
 
 # The suite (<= 5 min on 2 cores); test-extra adds the slower variants (CI runs both).
+# TESTS: a subset, e.g. make test TESTS=tests/test_config.py
 test: setup
-	$(BIN)/python -m pytest -q -m "not extra" --durations=8
+	$(BIN)/python -m pytest -q -m "not extra" --durations=8 $(TESTS)
 
 test-extra: setup
 	$(BIN)/python -m pytest -q -m extra

@@ -5,8 +5,8 @@ The image can't be built in CI, so these tests check what has to hold for
 
 * requirements.lock pins everything with ==, leaves torch (and torch's CUDA stack)
   out, and is in step with requirements.in;
-* the Dockerfile and the Makefile both install that one lock, after the same
-  torch pin;
+* the Dockerfile and `make setup` (edgerlhf/bootstrap.py) both install that one
+  lock, after the same torch pin;
 * the image ends as a non-root user;
 * every file the Dockerfile COPYs gets past .dockerignore;
 * hadolint passes with the committed .hadolint.yaml.
@@ -298,26 +298,43 @@ def test_hadolint_passes():
 
 
 # --------------------------------------------------------------------------- Makefile
-def test_makefile_setup_installs_the_same_lock():
+def test_makefile_setup_installs_the_same_lock(monkeypatch, tmp_path):
+    """`make setup` runs edgerlhf/bootstrap.py, which installs torch first (pinned), then requirements.lock with
+    --no-deps, then the project with --no-deps, as the Dockerfile does (commands recorded, nothing installed)."""
+    from edgerlhf import bootstrap
+
     text = makefile_text()
     assert re.search(r"^setup\s*:", text, re.MULTILINE), "Makefile needs a setup target"
-    installs = re.findall(r"pip install[^\n]*?-r\s+(\S+)", text)
-    assert installs, "Makefile must `pip install ... -r requirements.lock`"
-    assert {Path(p).name for p in installs} == {"requirements.lock"}, installs
-    assert re.search(r"pip install[^\n]*--no-deps[^\n]*-r\s+\S*requirements\.lock", text), (
-        "Makefile should install the lock with --no-deps, as the Dockerfile does"
-    )
+    assert re.search(r"edgerlhf/bootstrap\.py[^\n]*--torch \$\(TORCH_VERSION\)", text), (
+        "Makefile's setup must run edgerlhf/bootstrap.py --torch $(TORCH_VERSION)")
+    for uv in ("/bin/uv", None):
+        calls: list[list[str]] = []
+        monkeypatch.setattr(bootstrap, "run", lambda cmd, *a, calls=calls, **k: calls.append([str(c) for c in cmd]))
+        monkeypatch.setattr(bootstrap, "pip_settings", lambda python: (["--find-links", "/wheels"], {}))
+        bootstrap.install(tmp_path / "venv", "python3.11", uv, "9.9.9")
+        installs = [c for c in calls if "install" in c]
+        assert "torch==9.9.9" in installs[0] and "--no-deps" not in installs[0], installs
+        lock = installs[1]
+        assert "--no-deps" in lock and Path(lock[lock.index("-r") + 1]) == LOCK, installs
+        assert "--no-deps" in installs[2] and "-e" in installs[2], installs
+        assert "check" in calls[-1], calls
+        if uv:  # the machine's pip settings reach uv
+            assert all("--find-links" in c for c in installs), installs
 
 
 def test_makefile_pins_the_same_torch():
     text = makefile_text()
     pin = torch_pin_in_requirements_in()
     variable = re.findall(r"^TORCH_VERSION\s*[:?]?=\s*(\S+)", text, re.MULTILINE)
-    literal = re.findall(r"torch==([0-9][^\s\"']*)", text)
-    assert variable or literal, "Makefile must pin torch (TORCH_VERSION ?= X or torch==X)"
-    assert set(variable + literal) == {pin}, f"Makefile torch pin {variable + literal} != {pin}"
-    if variable:
-        assert "torch==$(TORCH_VERSION)" in text, "Makefile defines TORCH_VERSION but never installs it"
+    assert variable == [pin], f"Makefile torch pin {variable} != {pin}"
+    assert "--torch $(TORCH_VERSION)" in text, "Makefile defines TORCH_VERSION but never installs it"
+
+
+def test_host_setup_uses_the_image_uv():
+    from edgerlhf import bootstrap
+
+    assert bootstrap.UV_VERSION == arg_defaults()["UV_VERSION"], "edgerlhf/bootstrap.py UV_VERSION != Dockerfile's"
+    assert bootstrap.lock_python() == re.search(r"with Python (\d+\.\d+)", LOCK.read_text()).group(1)
 
 
 def test_make_in_the_image_uses_the_baked_venv():

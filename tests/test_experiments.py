@@ -1,4 +1,4 @@
-"""Comparing experiments the way docs/experiments.md says: change a param, rerun, `dvc params diff` / `dvc metrics diff`."""
+"""Comparing experiments as docs/experiments.md says: change a param, rerun, `dvc params diff` / `dvc metrics diff`."""
 
 import shutil
 import subprocess

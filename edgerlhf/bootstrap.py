@@ -1,0 +1,222 @@
+"""`make setup`: build the project venv from requirements.lock with any Python 3 that the machine has.
+
+Run as a plain script (`python3 edgerlhf/bootstrap.py`), before the package or its dependencies exist, so it
+uses the standard library only. The steps, each on a progress line with its time:
+
+1. uv, the installer: `uv` on PATH, else uv==UV_VERSION from PyPI in a small bootstrap venv (.cache/bootstrap)
+   made with the Python running this script. Without it, installs go through pip (said in the log).
+2. The interpreter, by this rule: PYTHON if given; else `python3.11` on PATH; else `python3` on PATH when it is
+   3.11; else a 3.11 that uv finds (e.g. one it manages); else a CPython 3.11 that uv downloads. The lock is
+   compiled for 3.11 (the version in its header).
+3. The venv (`python -m venv`), then torch==TORCH_VERSION first (with its deps), then exactly requirements.lock
+   with --no-deps, then the project (editable, --no-deps), then a dependency check.
+
+The machine's pip settings (index, extra indexes, find-links, constraints, certificate; from pip's config files
+and PIP_* variables) are passed on to uv, so an offline mirror or a local CPU torch wheel keeps working. On any
+failure one line names the cause and the fix, and the half-built venv is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+UV_VERSION = "0.13.8"  # the uv of the Docker image (Dockerfile ARG UV_VERSION); tests/test_container.py checks
+ROOT = Path(__file__).resolve().parents[1]
+LOCK = ROOT / "requirements.lock"
+BOOTSTRAP = ROOT / ".cache" / "bootstrap"
+STEPS = 6
+
+
+class SetupError(Exception):
+    """A failed step: the message is the one line the user sees."""
+
+
+def say(step: int, text: str) -> None:
+    print(f"[setup {step}/{STEPS}] {text}", flush=True)
+
+
+def lock_python() -> str:
+    """The Python version requirements.lock was compiled with ("3.11")."""
+    match = re.search(r"with Python (\d+\.\d+)", LOCK.read_text())
+    if not match:
+        raise SetupError(f"{LOCK.name} has no 'with Python X.Y' header line: regenerate it with `make lock`")
+    return match.group(1)
+
+
+def version_of(python: str) -> str | None:
+    """'3.11.7' of an interpreter, or None when it does not run."""
+    try:
+        out = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run(cmd: list[str], what: str, fix: str, env: dict[str, str] | None = None) -> None:
+    """Run a step's command with its output shown; a failure becomes one SetupError line."""
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise SetupError(f"{what} failed (`{shlex.join(cmd[:4])} ...`, output above): {fix}")
+
+
+def pip_settings(python: str) -> tuple[list[str], dict[str, str]]:
+    """The machine's pip index settings as uv arguments (and environment), from `pip config list`, which covers
+    pip's config files and PIP_* variables."""
+    out = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True)
+    values: dict[str, list[str]] = {}
+    for line in out.stdout.splitlines() if out.returncode == 0 else []:
+        key, _, value = line.partition("=")
+        name = key.rsplit(".", 1)[-1]
+        for item in shlex.split(value.strip().strip("'\"")):
+            if item not in values.setdefault(name, []):
+                values[name].append(item)
+    for name in ("index-url", "extra-index-url", "find-links", "constraint", "cert", "no-index"):
+        env_value = os.environ.get("PIP_" + name.upper().replace("-", "_"))
+        for item in shlex.split(env_value or ""):
+            if item not in values.setdefault(name, []):
+                values[name].append(item)
+    args: list[str] = []
+    if values.get("index-url"):
+        args += ["--index-url", values["index-url"][-1]]
+    for flag in ("extra-index-url", "find-links", "constraint"):
+        for item in values.get(flag, []):
+            args += [f"--{flag}", item]
+    if values.get("no-index") and values["no-index"][-1].lower() in ("1", "true", "yes", "on"):
+        args.append("--no-index")
+    # pip takes the best version across all its indexes; uv by default only the first index that has the package
+    args += ["--index-strategy", "unsafe-best-match"]
+    env = {"SSL_CERT_FILE": values["cert"][-1]} if values.get("cert") else {}
+    return args, env
+
+
+def find_uv(step: int) -> str | None:
+    """uv on PATH, or uv==UV_VERSION in the bootstrap venv (installed from PyPI if missing); None if neither."""
+    on_path = shutil.which("uv")
+    if on_path:
+        say(step, f"installer: uv on PATH ({on_path})")
+        return on_path
+    uv = BOOTSTRAP / "bin" / "uv"
+    if not uv.exists():
+        made = subprocess.run([sys.executable, "-m", "venv", str(BOOTSTRAP)], capture_output=True, text=True)
+        pip = subprocess.run([str(BOOTSTRAP / "bin" / "python"), "-m", "pip", "install", "-q",
+                              f"uv=={UV_VERSION}"], capture_output=True, text=True) if made.returncode == 0 else made
+        if pip.returncode != 0:
+            reason = (pip.stderr.strip().splitlines() or ["no output"])[-1]
+            shutil.rmtree(BOOTSTRAP, ignore_errors=True)
+            say(step, f"installer: pip (uv=={UV_VERSION} could not be installed from PyPI: {reason})")
+            return None
+    say(step, f"installer: uv {UV_VERSION} ({uv.relative_to(ROOT)}, from PyPI with {sys.executable})")
+    return str(uv)
+
+
+def find_python(step: int, wanted: str, override: str | None, uv: str | None) -> str:
+    """The interpreter for the venv, by the rule in this module's docstring; SetupError when there is none."""
+    if override:
+        found = shutil.which(override) or override
+        version = version_of(found)
+        if version is None:
+            raise SetupError(f"PYTHON={override} does not run: give the path of a Python {wanted} interpreter")
+        note = "" if version.startswith(wanted + ".") else f"; the lock is compiled for {wanted}, pins may not install"
+        say(step, f"interpreter: {found} (Python {version}, from PYTHON{note})")
+        return found
+    for name, origin in ((f"python{wanted}", f"python{wanted} on PATH"), ("python3", f"python3 on PATH is {wanted}")):
+        found = shutil.which(name)
+        version = version_of(found) if found else None
+        if version and version.startswith(wanted + "."):
+            say(step, f"interpreter: {found} (Python {version}, {origin})")
+            return found
+    other = version_of("python3") if shutil.which("python3") else None
+    have = f"python3 is {other}" if other else "no python3"
+    if uv is None:
+        raise SetupError(f"no Python {wanted} (python{wanted} is not on PATH, {have}) and no uv to fetch one: "
+                         f"install Python {wanted} (e.g. `sudo apt install python{wanted} python{wanted}-venv`) "
+                         f"or pass PYTHON=/path/to/python{wanted}")
+    for attempt in ("find", "install"):
+        if attempt == "install":
+            say(step, f"interpreter: no Python {wanted} found ({have}); uv downloads a managed CPython {wanted}")
+            fetched = subprocess.run([uv, "python", "install", wanted], capture_output=True, text=True)
+            if fetched.returncode != 0:
+                reason = (fetched.stderr.strip().splitlines() or ["no output"])[-1].strip()
+                raise SetupError(f"no Python {wanted} here (python{wanted} is not on PATH, {have}) and uv could not "
+                                 f"download one ({reason}): install Python {wanted} (e.g. `sudo apt install "
+                                 f"python{wanted} python{wanted}-venv`, or `uv python install {wanted}` where the "
+                                 f"network allows) or pass PYTHON=/path/to/python{wanted}")
+        found_out = subprocess.run([uv, "python", "find", wanted], capture_output=True, text=True)
+        found = found_out.stdout.strip()
+        if found_out.returncode == 0 and found:
+            origin = "downloaded by uv" if attempt == "install" else "found by uv"
+            say(step, f"interpreter: {found} (Python {version_of(found)}, {origin})")
+            return found
+    raise SetupError(f"uv installed Python {wanted} but cannot find it: run `uv python find {wanted}` to see why")
+
+
+def install(venv: Path, python: str, uv: str | None, torch_version: str) -> None:
+    """Steps 3-6: the venv, torch, the lock, the project, the check."""
+    started = time.perf_counter()
+    say(3, f"venv {venv} ...")
+    run([python, "-m", "venv", str(venv)], f"creating {venv}",
+        "install the venv module of that Python (Debian/Ubuntu: the python3.X-venv package)")
+    vpy = str(venv / "bin" / "python")
+    if uv is not None:
+        index_args, index_env = pip_settings(vpy)  # the venv's pip reads the machine's pip config
+        env = {**os.environ, **index_env, "VIRTUAL_ENV": str(venv)}
+        base = [uv, "pip", "install", "--python", vpy, *index_args]
+        check = [uv, "pip", "check", "--python", vpy]
+    else:
+        env, base, check = None, [vpy, "-m", "pip", "install", "-q"], [vpy, "-m", "pip", "check"]
+    fix = "check the network or the pip index settings (pip config list), then rerun make setup"
+    say(4, f"torch=={torch_version} (first, pinned: on a CPU-only machine the CPU build) ...")
+    run([*base, f"torch=={torch_version}"], f"installing torch=={torch_version}", fix, env)
+    say(5, f"{LOCK.name} (exact pins, --no-deps) ...")
+    run([*base, "--no-deps", "-r", str(LOCK)], f"installing {LOCK.name}", fix, env)
+    say(6, "edgerlhf (editable, --no-deps) and a dependency check ...")
+    run([*base, "--no-deps", "-e", str(ROOT)], "installing the project", fix, env)
+    run(check, "the dependency check", "the lock is inconsistent: regenerate it with `make lock`", env)
+    print(f"[setup] venv steps took {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--venv", default=".venv")
+    parser.add_argument("--torch", required=True, help="the torch version to pin")
+    parser.add_argument("--python", default=os.environ.get("PYTHON") or None,
+                        help="the interpreter (default: the rule in this module's docstring)")
+    parser.add_argument("--stamp", help="file to touch on success (make's marker)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    venv = Path(args.venv)
+    # look for interpreters on the user's PATH, never in the venv being (re)built
+    venv_bin = str((venv / "bin").resolve())
+    os.environ["PATH"] = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                         if p and str(Path(p).resolve()) != venv_bin)
+    try:
+        wanted = lock_python()
+        uv = find_uv(1)
+        python = find_python(2, wanted, args.python, uv)
+        shutil.rmtree(venv, ignore_errors=True)  # a venv without the stamp is incomplete: start clean
+        install(venv, python, uv, args.torch)
+    except SetupError as exc:
+        shutil.rmtree(venv, ignore_errors=True)
+        print(f"make setup: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        shutil.rmtree(venv, ignore_errors=True)
+        print("make setup: interrupted; the incomplete venv was removed", file=sys.stderr)
+        return 130
+    if args.stamp:
+        Path(args.stamp).touch()
+    version = version_of(str(venv / "bin" / "python"))
+    print(f"[setup] done in {time.perf_counter() - started:.1f} s: {venv} with Python {version}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
