@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from edgerlhf import modeling, ppo, runtime
+from edgerlhf import modeling, ppo, precisions, runtime
 from edgerlhf.config import PRECISIONS, HardwareParams, Params, load_params
 from edgerlhf.modeling import Device
 
@@ -383,8 +383,8 @@ def load_reward_model(ctx: Context, precision: str, *, train: bool) -> tuple[nn.
     from peft import get_peft_model
 
     rp = ctx.params.reward
-    model = modeling.load_reward_base(ctx.base_dir, precision, ctx.device)
-    if precision != "bf16" and not modeling.is_quantized(model, precision):
+    model = precisions.load_reward_base(ctx.base_dir, precision, ctx.device)
+    if precision != "bf16" and not precisions.is_quantized(model, precision):
         raise RuntimeError(f"reward@{precision}: the loaded model has no bitsandbytes {precision} layers")
     footprint = int(model.get_memory_footprint())
     model.config.use_cache = False
@@ -471,9 +471,9 @@ def load_ppo_models(ctx: Context, precision: str, pp: Any, separate_reference: b
 def measure_ppo(ctx: Context, precision: str, *, separate_reference: bool = False) -> dict[str, Any]:
     """PPO at the RM `precision`, through the training loop's own steps: load the policy (shared backbone), the RM
     and optionally a separate reference copy; time `ppo.generate_responses` (the rollout) and `ppo.score_rollout`
-    (log-prob/value, reference and RM forwards), then `ppo.compute_advantages` and `ppo.ppo_update` (one untimed
-    epoch over the batch, which creates the AdamW state, then timed epochs until ctx.steps minibatch steps are
-    taken). Returns throughput, times and the memory breakdown."""
+    (log-prob/value, reference and RM forwards), then `ppo.compute_advantages` and `ppo.ppo_update` (untimed
+    epochs over the batch until AdamW has its state, then timed epochs until at least ctx.steps minibatch steps
+    are taken; `update_steps_timed` says how many). Returns throughput, times and the memory breakdown."""
     device, w = ctx.device, ctx.work
     pp = w.ppo_params(ctx.params)
     eos = pad = ctx.spec.eos_token_id
@@ -513,8 +513,11 @@ def measure_ppo(ctx: Context, precision: str, *, separate_reference: bool = Fals
     def epoch() -> None:
         ppo.ppo_update(policy, optimizer, scaler, batch, adv, one_epoch, shuffle)
 
-    epoch()  # warm-up; creates the AdamW state
-    gradients = memory["adapter_bytes"]  # every trainable (fp32) weight gets a gradient of its size
+    for _ in range(10):  # warm-up until AdamW has its state (under fp16 the GradScaler may skip the first steps)
+        epoch()
+        if optimizer.state:
+            break
+    gradients = memory["adapter_bytes"]  # not measured: every trainable (fp32) weight gets a gradient of its size
     update_s, activations, steps = 0.0, 0, 0
     while steps < ctx.steps:
         start = meter.section()
@@ -540,6 +543,7 @@ def measure_ppo(ctx: Context, precision: str, *, separate_reference: bool = Fals
         "rollout_s": _round(gen_s),
         "score_forward_s": _round(score_s),
         "update_minibatch_s": _round(update_s),
+        "update_steps_timed": steps,
         "update_tokens_per_s": _round(minibatch * ro.input_ids.shape[1] / update_s, 2),
         # one PPO update (rollout + ppo_epochs passes over the batch), computed from the measured times
         "ppo_update_est_s": _round(update_est),

@@ -8,17 +8,20 @@ uses the standard library only. The steps, each on a progress line with its time
 2. The interpreter, by this rule: PYTHON if given; else `python3.11` on PATH; else `python3` on PATH when it is
    3.11; else a 3.11 that uv finds (e.g. one it manages); else a CPython 3.11 that uv downloads. The lock is
    compiled for 3.11 (the version in its header).
-3. The venv (`python -m venv`), then torch==TORCH_VERSION first (with its deps), then exactly requirements.lock
-   with --no-deps, then the project (editable, --no-deps), then a dependency check.
+3. The venv (`python -m venv`; an existing venv of that Python is reused), then torch==TORCH_VERSION first
+   (with its deps), then exactly requirements.lock with --no-deps, then the project (editable, --no-deps), then a
+   dependency check.
 
 The machine's pip settings (index, extra indexes, find-links, constraints, certificate; from pip's config files
 and PIP_* variables) are passed on to uv, so an offline mirror or a local CPU torch wheel keeps working. On any
-failure one line names the cause and the fix, and the half-built venv is removed.
+failure one line names the cause and the fix; a venv this run created is removed, a reused one is left
+without make's stamp (incomplete), so the next run installs again.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
 import shlex
@@ -63,37 +66,47 @@ def version_of(python: str) -> str | None:
 
 def run(cmd: list[str], what: str, fix: str, env: dict[str, str] | None = None) -> None:
     """Run a step's command with its output shown; a failure becomes one SetupError line."""
-    if subprocess.run(cmd, env=env).returncode != 0:
+    try:
+        code = subprocess.run(cmd, env=env).returncode
+    except OSError as exc:
+        raise SetupError(f"{what} failed: cannot run {cmd[0]} ({exc.strerror}): {fix}") from None
+    if code != 0:
         raise SetupError(f"{what} failed (`{shlex.join(cmd[:4])} ...`, output above): {fix}")
+
+
+# pip's own precedence: environment over the [install] section over [global]; other sections do not apply
+PIP_SECTIONS = (":env:", "install", "global")
+LIST_OPTIONS = ("extra-index-url", "find-links", "constraint")
 
 
 def pip_settings(python: str) -> tuple[list[str], dict[str, str]]:
     """The machine's pip index settings as uv arguments (and environment), from `pip config list`, which covers
     pip's config files and PIP_* variables."""
     out = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True)
-    values: dict[str, list[str]] = {}
+    found: dict[str, dict[str, str]] = {}
     for line in out.stdout.splitlines() if out.returncode == 0 else []:
-        key, _, value = line.partition("=")
-        name = key.rsplit(".", 1)[-1]
-        for item in shlex.split(value.strip().strip("'\"")):
-            if item not in values.setdefault(name, []):
-                values[name].append(item)
-    for name in ("index-url", "extra-index-url", "find-links", "constraint", "cert", "no-index"):
-        env_value = os.environ.get("PIP_" + name.upper().replace("-", "_"))
-        for item in shlex.split(env_value or ""):
-            if item not in values.setdefault(name, []):
-                values[name].append(item)
+        key, sep, raw = line.partition("=")
+        section, _, name = key.rpartition(".")
+        if not sep or section not in PIP_SECTIONS:
+            continue
+        try:
+            value = ast.literal_eval(raw.strip())  # pip prints each value with repr()
+        except (ValueError, SyntaxError):
+            value = raw.strip()
+        found.setdefault(name, {})[section] = str(value)
+    values = {name: next(by[s] for s in PIP_SECTIONS if s in by) for name, by in found.items()}
     args: list[str] = []
-    if values.get("index-url"):
-        args += ["--index-url", values["index-url"][-1]]
-    for flag in ("extra-index-url", "find-links", "constraint"):
-        for item in values.get(flag, []):
+    if values.get("index-url", "").strip():
+        args += ["--index-url", values["index-url"].strip()]
+    for flag in LIST_OPTIONS:  # pip splits these on whitespace (one per line in a config file)
+        for item in values.get(flag, "").split():
             args += [f"--{flag}", item]
-    if values.get("no-index") and values["no-index"][-1].lower() in ("1", "true", "yes", "on"):
+    if values.get("no-index", "").strip().lower() in ("1", "true", "yes", "on"):
         args.append("--no-index")
-    # pip takes the best version across all its indexes; uv by default only the first index that has the package
-    args += ["--index-strategy", "unsafe-best-match"]
-    env = {"SSL_CERT_FILE": values["cert"][-1]} if values.get("cert") else {}
+    if "--extra-index-url" in args or "--find-links" in args:
+        # pip takes the best version across all its indexes; uv by default only the first index that has it
+        args += ["--index-strategy", "unsafe-best-match"]
+    env = {"SSL_CERT_FILE": values["cert"].strip()} if values.get("cert", "").strip() else {}
     return args, env
 
 
@@ -149,7 +162,8 @@ def find_python(step: int, wanted: str, override: str | None, uv: str | None) ->
                                  f"download one ({reason}): install Python {wanted} (e.g. `sudo apt install "
                                  f"python{wanted} python{wanted}-venv`, or `uv python install {wanted}` where the "
                                  f"network allows) or pass PYTHON=/path/to/python{wanted}")
-        found_out = subprocess.run([uv, "python", "find", wanted], capture_output=True, text=True)
+        # --system: never an interpreter of a virtual environment (such as the venv being rebuilt)
+        found_out = subprocess.run([uv, "python", "find", "--system", wanted], capture_output=True, text=True)
         found = found_out.stdout.strip()
         if found_out.returncode == 0 and found:
             origin = "downloaded by uv" if attempt == "install" else "found by uv"
@@ -158,12 +172,26 @@ def find_python(step: int, wanted: str, override: str | None, uv: str | None) ->
     raise SetupError(f"uv installed Python {wanted} but cannot find it: run `uv python find {wanted}` to see why")
 
 
-def install(venv: Path, python: str, uv: str | None, torch_version: str) -> None:
-    """Steps 3-6: the venv, torch, the lock, the project, the check."""
-    started = time.perf_counter()
+def prepare_venv(venv: Path, python: str) -> bool:
+    """Step 3: reuse `venv` when it is a venv of the chosen interpreter's version (the installs then bring it to
+    the lock, as pip did before), else create it; returns whether this run created it. A folder that is not a
+    venv is never touched."""
+    if venv.exists():
+        if not (venv / "pyvenv.cfg").is_file():
+            raise SetupError(f"{venv} exists and is not a virtual environment: remove it or set VENV to another path")
+        current = version_of(str(venv / "bin" / "python"))
+        if current is not None and current == version_of(python):
+            say(3, f"venv {venv}: reusing it (Python {current}); the installs bring it to the lock ...")
+            return False
+        shutil.rmtree(venv)  # a venv of another (or a broken) interpreter: rebuilt
     say(3, f"venv {venv} ...")
     run([python, "-m", "venv", str(venv)], f"creating {venv}",
         "install the venv module of that Python (Debian/Ubuntu: the python3.X-venv package)")
+    return True
+
+
+def install(venv: Path, uv: str | None, torch_version: str) -> None:
+    """Steps 4-6: torch, the lock, the project, the check."""
     vpy = str(venv / "bin" / "python")
     if uv is not None:
         index_args, index_env = pip_settings(vpy)  # the venv's pip reads the machine's pip config
@@ -173,14 +201,21 @@ def install(venv: Path, python: str, uv: str | None, torch_version: str) -> None
     else:
         env, base, check = None, [vpy, "-m", "pip", "install", "-q"], [vpy, "-m", "pip", "check"]
     fix = "check the network or the pip index settings (pip config list), then rerun make setup"
-    say(4, f"torch=={torch_version} (first, pinned: on a CPU-only machine the CPU build) ...")
+    say(4, f"torch=={torch_version} (first, pinned; which build comes from your index settings) ...")
     run([*base, f"torch=={torch_version}"], f"installing torch=={torch_version}", fix, env)
     say(5, f"{LOCK.name} (exact pins, --no-deps) ...")
     run([*base, "--no-deps", "-r", str(LOCK)], f"installing {LOCK.name}", fix, env)
     say(6, "edgerlhf (editable, --no-deps) and a dependency check ...")
     run([*base, "--no-deps", "-e", str(ROOT)], "installing the project", fix, env)
     run(check, "the dependency check", "the lock is inconsistent: regenerate it with `make lock`", env)
-    print(f"[setup] venv steps took {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def cleanup(venv: Path, created: bool) -> str:
+    """After a failure: remove the venv this run created; a reused one stays, without its stamp (incomplete)."""
+    if created:
+        shutil.rmtree(venv, ignore_errors=True)
+        return "; the half-built venv was removed"
+    return f"; {venv} is marked incomplete until make setup succeeds" if venv.exists() else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,32 +224,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch", required=True, help="the torch version to pin")
     parser.add_argument("--python", default=os.environ.get("PYTHON") or None,
                         help="the interpreter (default: the rule in this module's docstring)")
-    parser.add_argument("--stamp", help="file to touch on success (make's marker)")
+    parser.add_argument("--stamp", help="file to touch on success (make's marker of a complete venv)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    venv = Path(args.venv)
+    venv = Path(args.venv).absolute()
     # look for interpreters on the user's PATH, never in the venv being (re)built
     venv_bin = str((venv / "bin").resolve())
     os.environ["PATH"] = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep)
                                          if p and str(Path(p).resolve()) != venv_bin)
+    created = False
     try:
         wanted = lock_python()
         uv = find_uv(1)
         python = find_python(2, wanted, args.python, uv)
-        shutil.rmtree(venv, ignore_errors=True)  # a venv without the stamp is incomplete: start clean
-        install(venv, python, uv, args.torch)
+        try:
+            Path(os.path.realpath(python)).relative_to(venv.resolve())
+            raise SetupError(f"the interpreter {python} lies inside {venv}, the venv being built: give a base "
+                             "Python with PYTHON=")
+        except ValueError:
+            pass  # outside the venv, as it must be
+        if args.stamp and os.path.exists(args.stamp):
+            os.remove(args.stamp)  # until the installs below succeed, the venv is incomplete
+        created = prepare_venv(venv, python)
+        install(venv, uv, args.torch)
     except SetupError as exc:
-        shutil.rmtree(venv, ignore_errors=True)
-        print(f"make setup: {exc}", file=sys.stderr)
+        print(f"make setup: {exc}{cleanup(venv, created)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        shutil.rmtree(venv, ignore_errors=True)
-        print("make setup: interrupted; the incomplete venv was removed", file=sys.stderr)
+        print(f"make setup: interrupted{cleanup(venv, created)}", file=sys.stderr)
         return 130
+    except Exception as exc:  # whatever it is, the user gets one line, not a traceback
+        print(f"make setup: unexpected {type(exc).__name__}: {exc}{cleanup(venv, created)}", file=sys.stderr)
+        return 1
     if args.stamp:
         Path(args.stamp).touch()
     version = version_of(str(venv / "bin" / "python"))
-    print(f"[setup] done in {time.perf_counter() - started:.1f} s: {venv} with Python {version}", flush=True)
+    print(f"[setup] done in {time.perf_counter() - started:.1f} s: {args.venv} with Python {version}", flush=True)
     return 0
 
 

@@ -17,10 +17,11 @@ from typing import Any, Literal
 
 import yaml
 
-from edgerlhf import precisions as precision_table
 from edgerlhf.errors import ConfigError
 
-PRECISIONS = precision_table.NAMES
+# The names of edgerlhf/precisions.py's table (tests/test_dvc_map.py checks they agree). Kept here as a list,
+# not imported: every stage depends on this file, and a new row in the table must not rerun prepare/base/sft.
+PRECISIONS = ("bf16", "int8", "int4")
 SPLITS = ("sft_train", "sft_eval", "rm_train", "rm_test", "ppo_prompts", "eval_prompts", "judge_train")
 # Where `prepare` draws each split from: the source's train part or its test part (in this order of allocation).
 TRAIN_SPLITS = ("sft_train", "rm_train", "ppo_prompts", "judge_train")

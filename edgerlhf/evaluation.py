@@ -293,9 +293,9 @@ def run_evaluation(params: Params, device: Device, *, progress: bool = True) -> 
     # every response under every proxy RM (one RM in memory at a time)
     proxy: dict[str, dict[str, list[float]]] = {}  # precision -> policy -> scores
     for p in precisions:
-        rm = modeling.load_reward_model(paths.SFT_MERGED, paths.reward_dir(p), p, device, trust)
+        rm = precisions.load_reward_model(paths.SFT_MERGED, paths.reward_dir(p), p, device, trust)
         log.info("reward model %s at %s: quantized=%s, footprint %.1f MiB, device %s", paths.reward_dir(p), p,
-                 modeling.is_quantized(rm, p), modeling.model_memory_mb(rm), device.describe())
+                 precisions.is_quantized(rm, p), modeling.model_memory_mb(rm), device.describe())
         proxy[p] = {n: rm_scores(rm, gens[n], pad_id, chunk) for n in names}
         del rm
         _free()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgerlhf import paths
+from edgerlhf import paths, precisions
 from edgerlhf.config import Params, load_params
 from edgerlhf.errors import ArtifactError, EdgeRLHFError
 from edgerlhf.synthetic import format_prompt
@@ -408,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if not (adapter / "adapter_config.json").exists():
                 log.warning("skipping rm@%s: %s is missing: run `dvc repro reward@%s` first", p, adapter, p)
                 continue
-            rm = modeling.load_reward_model(root / paths.SFT_MERGED, adapter, p, device,
+            rm = precisions.load_reward_model(root / paths.SFT_MERGED, adapter, p, device,
                                             params.model.trust_remote_code)
             scorers[f"rm@{p}"] = ppo.reward_model_score_fn(rm, pad, batch_size)
         gold = gold_judge(params)

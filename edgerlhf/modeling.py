@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-from edgerlhf import precisions
 from edgerlhf.config import HardwareParams, ModelParams, TinyModelParams
 from edgerlhf.errors import ArtifactError, HardwareError, HubError
 
@@ -113,28 +112,6 @@ def apply_vram_budget(budget_gb: float, device: Device) -> None:
         return
     torch.cuda.set_per_process_memory_fraction(fraction, device.index)
     log.info("VRAM capped at %.2f GB of %.1f GB (hardware.vram_budget_gb)", budget_gb, total)
-
-
-def check_precision_supported(precision: str, device: Device) -> None:
-    """Fail loudly where a quantized precision cannot run, never fall back to another precision."""
-    need = precisions.get(precision).min_capability
-    if need and device.type == "cuda" and device.capability < need:
-        cap = f"{device.capability[0]}.{device.capability[1]}"
-        raise HardwareError(
-            f"precision {precision} ({precisions.get(precision).label}) needs compute capability >= "
-            f"{need[0]}.{need[1]}, this GPU has {cap}; remove {precision} from reward.precisions")
-
-
-def quantization_config(precision: str, device: Device):
-    """The BitsAndBytesConfig of `precision` (the precision table's settings; 4-bit computes in the run's dtype);
-    None when unquantized."""
-    from transformers import BitsAndBytesConfig
-
-    bnb = precisions.get(precision).bnb
-    if bnb is None:
-        return None
-    extra = {"bnb_4bit_compute_dtype": device.dtype} if bnb.get("load_in_4bit") else {}
-    return BitsAndBytesConfig(**bnb, **extra)
 
 
 def lora_targets(model: torch.nn.Module, configured: list[str]) -> list[str]:
@@ -288,41 +265,6 @@ def load_causal_lm(path: str | Path, device: Device, dtype: torch.dtype | None =
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or device.dtype, use_safetensors=True,
                                                 trust_remote_code=trust_remote_code,
                                                 device_map={"": device.torch_device})
-
-
-def load_reward_base(path: str | Path, precision: str, device: Device, trust_remote_code: bool = False):
-    """A 1-logit sequence classifier from `path` at `precision`, placed with device_map (never .to() under bnb)."""
-    from transformers import AutoModelForSequenceClassification
-
-    check_precision_supported(precision, device)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), num_labels=1, dtype=device.dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
-        quantization_config=quantization_config(precision, device), device_map={"": device.torch_device})
-    model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None \
-        else model.config.eos_token_id
-    return model
-
-
-def load_reward_model(base_path: str | Path, adapter_path: str | Path, precision: str, device: Device,
-                      trust_remote_code: bool = False):
-    """A trained reward model: merged SFT base at `precision` + its LoRA/score adapter, eval mode, frozen."""
-    from peft import PeftModel
-
-    require_dir(adapter_path, f"reward@{precision}", "adapter_config.json")
-    require_safetensors(adapter_path, f"reward@{precision}")
-    model = load_reward_base(base_path, precision, device, trust_remote_code)
-    model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def is_quantized(model: torch.nn.Module, precision: str) -> bool:
-    """True when the model's linear layers really are bitsandbytes modules of `precision`."""
-    import bitsandbytes as bnb
-
-    layer = precisions.get(precision).bnb_layer
-    return layer is not None and any(isinstance(m, getattr(bnb.nn, layer)) for m in model.modules())
 
 
 def trainer_precision_kwargs(device: Device) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from edgerlhf import data, modeling, paths, ppo
+from edgerlhf import data, modeling, paths, ppo, precisions
 from edgerlhf.config import Params, to_dict
 from edgerlhf.distributed import SINGLE, Processes
 from edgerlhf.judge import gold_judge
@@ -68,10 +68,10 @@ def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, *, ch
     tokenizer = modeling.load_tokenizer(paths.SFT_MERGED, params.model.trust_remote_code)
     base = load_policy_base(params, device)
     policy = ppo.build_policy(base, params.ppo, modeling.lora_targets(base, params.lora.target_modules))
-    rm = modeling.load_reward_model(paths.SFT_MERGED, paths.reward_dir(precision), precision, device,
+    rm = precisions.load_reward_model(paths.SFT_MERGED, paths.reward_dir(precision), precision, device,
                                     params.model.trust_remote_code)
     log.info("reward model at %s: quantized=%s, footprint %.1f MiB", precision,
-             modeling.is_quantized(rm, precision), modeling.model_memory_mb(rm))
+             precisions.is_quantized(rm, precision), modeling.model_memory_mb(rm))
     score_fn = ppo.reward_model_score_fn(rm, tokenizer.pad_token_id, params.ppo.logprob_chunk_size)
     prompts = tokenize_prompts(tokenizer, data.read_split(paths.split_file("ppo_prompts")))
     eval_records = data.read_split(paths.split_file("eval_prompts"))

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from edgerlhf import metrics as M
-from edgerlhf import modeling, resume
+from edgerlhf import modeling, precisions, resume
 from edgerlhf.config import Params
 from edgerlhf.modeling import Device
 
@@ -72,8 +72,8 @@ def train_reward(params: Params, sft_dir: Path, precision: str, train_records: l
     rp = params.reward
     trust = params.model.trust_remote_code
     tokenizer = modeling.load_tokenizer(sft_dir, trust)
-    model = modeling.load_reward_base(sft_dir, precision, device, trust)
-    quantized = modeling.is_quantized(model, precision)
+    model = precisions.load_reward_base(sft_dir, precision, device, trust)
+    quantized = precisions.is_quantized(model, precision)
     if precision != "bf16" and not quantized:
         raise RuntimeError(f"reward@{precision}: the loaded model has no bitsandbytes {precision} layers")
     memory_mb = modeling.model_memory_mb(model)

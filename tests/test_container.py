@@ -311,7 +311,7 @@ def test_makefile_setup_installs_the_same_lock(monkeypatch, tmp_path):
         calls: list[list[str]] = []
         monkeypatch.setattr(bootstrap, "run", lambda cmd, *a, calls=calls, **k: calls.append([str(c) for c in cmd]))
         monkeypatch.setattr(bootstrap, "pip_settings", lambda python: (["--find-links", "/wheels"], {}))
-        bootstrap.install(tmp_path / "venv", "python3.11", uv, "9.9.9")
+        bootstrap.install(tmp_path / "venv", uv, "9.9.9")
         installs = [c for c in calls if "install" in c]
         assert "torch==9.9.9" in installs[0] and "--no-deps" not in installs[0], installs
         lock = installs[1]
@@ -328,6 +328,43 @@ def test_makefile_pins_the_same_torch():
     variable = re.findall(r"^TORCH_VERSION\s*[:?]?=\s*(\S+)", text, re.MULTILINE)
     assert variable == [pin], f"Makefile torch pin {variable} != {pin}"
     assert "--torch $(TORCH_VERSION)" in text, "Makefile defines TORCH_VERSION but never installs it"
+
+
+def test_pip_settings_reach_uv_with_pips_precedence(monkeypatch):
+    """`pip config list` prints repr()s: multi-line lists, paths with spaces; environment beats [install] beats
+    [global]; sections pip install does not read are ignored."""
+    import subprocess as sp
+
+    from edgerlhf import bootstrap
+
+    listing = "\n".join([
+        ":env:.find-links='/wheels'",
+        "global.find-links='/global-wheels'",
+        "global.extra-index-url='\\nhttps://a.example/simple\\nhttps://b.example/simple'",
+        "global.index-url='https://global.example/simple'",
+        "install.index-url='https://install.example/simple'",
+        "global.cert='/etc/ssl/My Certs/ca.pem'",
+        "wheel.find-links='/not-for-install'",
+    ])
+    monkeypatch.setattr(bootstrap.subprocess, "run", lambda *a, **k: sp.CompletedProcess(a, 0, listing, ""))
+    args, env = bootstrap.pip_settings("python")
+    assert args == ["--index-url", "https://install.example/simple",
+                    "--extra-index-url", "https://a.example/simple", "--extra-index-url", "https://b.example/simple",
+                    "--find-links", "/wheels", "--index-strategy", "unsafe-best-match"]
+    assert env == {"SSL_CERT_FILE": "/etc/ssl/My Certs/ca.pem"}
+
+
+def test_setup_never_deletes_a_folder_that_is_not_a_venv(tmp_path):
+    from edgerlhf import bootstrap
+
+    folder = tmp_path / "envs"
+    (folder / "keep.txt").parent.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    with pytest.raises(bootstrap.SetupError, match="is not a virtual environment"):
+        bootstrap.prepare_venv(folder, sys.executable)
+    assert (folder / "keep.txt").read_text() == "mine"
+    assert bootstrap.cleanup(folder, created=False).endswith("marked incomplete until make setup succeeds")
+    assert (folder / "keep.txt").exists()
 
 
 def test_host_setup_uses_the_image_uv():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgerlhf import modeling
+from edgerlhf import modeling, precisions
 from edgerlhf.config import HardwareParams
 from edgerlhf.errors import HardwareError
 
@@ -31,10 +31,10 @@ def test_explicit_unsupported_dtypes_fail_loudly():
 def test_int8_needs_turing():
     old = modeling.Device("cuda", torch.float16, "GTX 1080", (6, 1))
     with pytest.raises(HardwareError, match="int8.*needs compute capability >= 7.5.*6.1"):
-        modeling.check_precision_supported("int8", old)
-    modeling.check_precision_supported("int4", old)
-    modeling.check_precision_supported("int8", modeling.Device("cuda", torch.float16, "T4", (7, 5)))
-    modeling.check_precision_supported("int8", modeling.Device("cpu", torch.float32, "cpu"))
+        precisions.check_precision_supported("int8", old)
+    precisions.check_precision_supported("int4", old)
+    precisions.check_precision_supported("int8", modeling.Device("cuda", torch.float16, "T4", (7, 5)))
+    precisions.check_precision_supported("int8", modeling.Device("cpu", torch.float32, "cpu"))
 
 
 def test_resolve_device_on_this_machine():

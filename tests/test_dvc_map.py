@@ -22,11 +22,18 @@ def imported_modules(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith(PACKAGE + ".")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == PACKAGE:
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level == 1 and path.parent.name == PACKAGE:  # from . import x / from .x import y
+                module = PACKAGE + ("." + module if module else "")
+            elif node.level:
+                continue
+            if module == PACKAGE:
                 found |= {f"{PACKAGE}.{a.name}" for a in node.names}
-            elif node.module.startswith(PACKAGE + "."):
-                found.add(node.module)
+            elif module.startswith(PACKAGE + "."):
+                found.add(module)
+    if found:
+        found.add(f"{PACKAGE}.__init__")  # importing any module of the package runs its __init__ first
     return {m for m in found if (ROOT / (m.replace(".", "/") + ".py")).is_file()}
 
 
@@ -96,6 +103,14 @@ def test_combined_plots_show_every_precision():
             problems.append(f"dvc.yaml plots.{title}: remove {', '.join(sorted(shown - precisions))} "
                             "(not in reward.precisions)")
     assert not problems, "\n".join(problems)
+
+
+def test_config_knows_every_precision_of_the_table():
+    from edgerlhf import config, precisions
+
+    assert config.PRECISIONS == precisions.NAMES, (
+        f"edgerlhf/config.py PRECISIONS {config.PRECISIONS} != the table in edgerlhf/precisions.py "
+        f"{precisions.NAMES}: add the new name to config.PRECISIONS")
 
 
 def test_split_lists_partition_the_splits():

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from edgerlhf import modeling, runtime
+from edgerlhf import modeling, precisions, runtime
 from edgerlhf.config import ModelParams
 from edgerlhf.errors import ArtifactError, HubError
 from tests.conftest import ROOT, tool_env
@@ -113,7 +113,7 @@ def test_corrupted_and_pickled_adapters_are_refused(tmp_path, capsys):
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
     with pytest.raises(ArtifactError, match="only pickled weights .*adapter_model.bin.*refusing to unpickle"):
-        modeling.load_reward_model(tmp_path, adapter, "bf16", dev)
+        precisions.load_reward_model(tmp_path, adapter, "bf16", dev)
 
     from safetensors.torch import load_file
 

@@ -78,6 +78,9 @@ def test_python3_of_the_lock_version_is_used_when_python311_is_absent(tmp_path):
     assert (repo / ".venv/.installed").exists()
     again = make(repo, path, "setup")  # up to date: nothing to do
     assert again.returncode == 0 and "[setup" not in again.stdout
+    (repo / "requirements.lock").touch()  # e.g. a pull changed the lock: the venv is brought to it, not rebuilt
+    again = make(repo, path, "setup")
+    assert again.returncode == 0 and "reusing it" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
     tested = make(repo, path, "test", "TESTS=tests/test_config.py")
     assert tested.returncode == 0, tested.stdout[-3000:]
     assert re.search(r"\d+ passed", tested.stdout)
