@@ -32,6 +32,7 @@ from edgerlhf.errors import ArtifactError, ConfigError
 from edgerlhf.judge import gold_judge
 from edgerlhf.modeling import Device
 from edgerlhf.ppo_stage import load_policy_base, tokenize_prompts
+from edgerlhf.precisions import is_quantized, load_reward_model
 
 log = logging.getLogger("edgerlhf")
 
@@ -293,9 +294,9 @@ def run_evaluation(params: Params, device: Device, *, progress: bool = True) -> 
     # every response under every proxy RM (one RM in memory at a time)
     proxy: dict[str, dict[str, list[float]]] = {}  # precision -> policy -> scores
     for p in precisions:
-        rm = precisions.load_reward_model(paths.SFT_MERGED, paths.reward_dir(p), p, device, trust)
+        rm = load_reward_model(paths.SFT_MERGED, paths.reward_dir(p), p, device, trust)
         log.info("reward model %s at %s: quantized=%s, footprint %.1f MiB, device %s", paths.reward_dir(p), p,
-                 precisions.is_quantized(rm, p), modeling.model_memory_mb(rm), device.describe())
+                 is_quantized(rm, p), modeling.model_memory_mb(rm), device.describe())
         proxy[p] = {n: rm_scores(rm, gens[n], pad_id, chunk) for n in names}
         del rm
         _free()
