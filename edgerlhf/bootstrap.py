@@ -118,14 +118,14 @@ def find_uv(step: int) -> str | None:
         return on_path
     uv = BOOTSTRAP / "bin" / "uv"
     if not uv.exists():
-        made = subprocess.run([sys.executable, "-m", "venv", str(BOOTSTRAP)], capture_output=True, text=True)
-        pip = subprocess.run([str(BOOTSTRAP / "bin" / "python"), "-m", "pip", "install", "-q",
-                              f"uv=={UV_VERSION}"], capture_output=True, text=True) if made.returncode == 0 else made
-        if pip.returncode != 0:
-            reason = (pip.stderr.strip().splitlines() or ["no output"])[-1]
-            shutil.rmtree(BOOTSTRAP, ignore_errors=True)
-            say(step, f"installer: pip (uv=={UV_VERSION} could not be installed from PyPI: {reason})")
-            return None
+        for cmd in ([sys.executable, "-m", "venv", str(BOOTSTRAP)],
+                    [str(BOOTSTRAP / "bin" / "python"), "-m", "pip", "install", "-q", f"uv=={UV_VERSION}"]):
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                reason = (out.stderr.strip().splitlines() or ["no output"])[-1]
+                shutil.rmtree(BOOTSTRAP, ignore_errors=True)
+                say(step, f"installer: pip (uv=={UV_VERSION} could not be installed from PyPI: {reason})")
+                return None
     say(step, f"installer: uv {UV_VERSION} ({uv.relative_to(ROOT)}, from PyPI with {sys.executable})")
     return str(uv)
 
@@ -148,28 +148,29 @@ def find_python(step: int, wanted: str, override: str | None, uv: str | None) ->
             return found
     other = version_of("python3") if shutil.which("python3") else None
     have = f"python3 is {other}" if other else "no python3"
+    missing = f"no Python {wanted} here (python{wanted} is not on PATH, {have})"
+    fix = (f"install Python {wanted} (e.g. `sudo apt install python{wanted} python{wanted}-venv`) or pass "
+           f"PYTHON=/path/to/python{wanted}")
     if uv is None:
-        raise SetupError(f"no Python {wanted} (python{wanted} is not on PATH, {have}) and no uv to fetch one: "
-                         f"install Python {wanted} (e.g. `sudo apt install python{wanted} python{wanted}-venv`) "
-                         f"or pass PYTHON=/path/to/python{wanted}")
-    for attempt in ("find", "install"):
-        if attempt == "install":
-            say(step, f"interpreter: no Python {wanted} found ({have}); uv downloads a managed CPython {wanted}")
-            fetched = subprocess.run([uv, "python", "install", wanted], capture_output=True, text=True)
-            if fetched.returncode != 0:
-                reason = (fetched.stderr.strip().splitlines() or ["no output"])[-1].strip()
-                raise SetupError(f"no Python {wanted} here (python{wanted} is not on PATH, {have}) and uv could not "
-                                 f"download one ({reason}): install Python {wanted} (e.g. `sudo apt install "
-                                 f"python{wanted} python{wanted}-venv`, or `uv python install {wanted}` where the "
-                                 f"network allows) or pass PYTHON=/path/to/python{wanted}")
-        # --system: never an interpreter of a virtual environment (such as the venv being rebuilt)
-        found_out = subprocess.run([uv, "python", "find", "--system", wanted], capture_output=True, text=True)
-        found = found_out.stdout.strip()
-        if found_out.returncode == 0 and found:
-            origin = "downloaded by uv" if attempt == "install" else "found by uv"
-            say(step, f"interpreter: {found} (Python {version_of(found)}, {origin})")
-            return found
-    raise SetupError(f"uv installed Python {wanted} but cannot find it: run `uv python find {wanted}` to see why")
+        raise SetupError(f"{missing} and no uv to fetch one: {fix}")
+    found, origin = uv_find(uv, wanted), "found by uv"
+    if not found:
+        say(step, f"interpreter: {missing}; uv downloads a managed CPython {wanted}")
+        fetched = subprocess.run([uv, "python", "install", wanted], capture_output=True, text=True)
+        if fetched.returncode != 0:
+            reason = (fetched.stderr.strip().splitlines() or ["no output"])[-1].strip()
+            raise SetupError(f"{missing} and uv could not download one ({reason}): {fix}")
+        found, origin = uv_find(uv, wanted), "downloaded by uv"
+    if not found:
+        raise SetupError(f"uv installed Python {wanted} but cannot find it: run `uv python find {wanted}` to see why")
+    say(step, f"interpreter: {found} (Python {version_of(found)}, {origin})")
+    return found
+
+
+def uv_find(uv: str, wanted: str) -> str | None:
+    """The Python `wanted` that uv finds, never one of a virtual environment (such as the venv being rebuilt)."""
+    out = subprocess.run([uv, "python", "find", "--system", wanted], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
 def prepare_venv(venv: Path, python: str) -> bool:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from edgerlhf.errors import ConfigError, HardwareError
-from edgerlhf.modeling import Device, require_dir, require_safetensors
+
+if TYPE_CHECKING:  # torch and the loaders only where a model is loaded: `generate --help` and export stay light
+    import torch
+
+    from edgerlhf.modeling import Device
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ def load_reward_model(base_path: str | Path, adapter_path: str | Path, precision
                       trust_remote_code: bool = False):
     """A trained reward model: merged SFT base at `precision` + its LoRA/score adapter, eval mode, frozen."""
     from peft import PeftModel
+
+    from edgerlhf.modeling import require_dir, require_safetensors
 
     require_dir(adapter_path, f"reward@{precision}", "adapter_config.json")
     require_safetensors(adapter_path, f"reward@{precision}")
