@@ -170,7 +170,8 @@ class PPOParams:
     kl_control: Literal["adaptive", "fixed"] = "adaptive"
     init_kl_coef: float = _f(0.1, lo=0.0)
     target_kl: float = _f(6.0, lo=0.0, lo_open=True)
-    kl_horizon: int = _f(10000, lo=1)
+    kl_horizon_fraction: float = _f(0.1, lo=0.0, lo_open=True, doc="adaptive KL horizon as a fraction of "
+                                    "total_episodes: beta can move by up to exp(+-0.2 / fraction) over a run")
     whiten_rewards: bool = False
     normalize_score: bool = True
     score_norm_samples: int = _f(64, lo=2, doc="SFT samples used to measure the score mean/std")

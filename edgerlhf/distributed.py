@@ -38,11 +38,17 @@ REPLICAS_FILE = "replicas.json"
 
 @dataclass(frozen=True)
 class Processes:
-    """This process's place among the stage's processes (rank 0 is the main process)."""
+    """This process's place among the stage's processes (rank 0 is the main process) and the device its
+    collectives run on.
+
+    Every collective of the project goes through these methods: they move their tensors to `device` and the
+    result back to where the caller's tensor was. NCCL (several GPUs) accepts only CUDA tensors, gloo (CPU) only
+    CPU ones, so a statistic built on the CPU next to a model on a GPU must not reach the backend as it is."""
 
     rank: int = 0
     local_rank: int = 0  # index of this process's GPU on its machine
     world_size: int = 1
+    device: torch.device = torch.device("cpu")  # the backend's device: cuda:local_rank under NCCL, cpu under gloo
 
     @property
     def is_main(self) -> bool:
@@ -62,7 +68,13 @@ class Processes:
             return values
         from accelerate.utils import reduce
 
-        return reduce(values.clone(), reduction="mean")
+        return reduce(values.to(self.device).clone(), reduction="mean").to(values.device)
+
+    def max(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise maximum of `values` over the processes."""
+        if self.world_size == 1:
+            return values
+        return self.gather(values.unsqueeze(0)).amax(0)
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         """Concatenation of every process's `values` along dim 0, in rank order."""
@@ -70,7 +82,7 @@ class Processes:
             return values
         from accelerate.utils import gather
 
-        return gather(values.contiguous())
+        return gather(values.to(self.device).contiguous()).to(values.device)
 
     def gather_object(self, obj: Any) -> list[Any]:
         """Every process's `obj` (picklable, from our own processes), in rank order."""
@@ -103,7 +115,7 @@ class Processes:
 
         with torch.no_grad():
             for p in params:
-                p.copy_(broadcast(p.detach().clone(), from_process=0))
+                p.copy_(broadcast(p.detach().to(self.device).clone(), from_process=0).to(p.device))
 
 
 SINGLE = Processes()
@@ -126,8 +138,9 @@ def init_processes(hw: HardwareParams) -> Processes:
 
     cpu = hw.device == "cpu" or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
-    procs = Processes(rank=state.process_index, local_rank=state.local_process_index, world_size=state.num_processes)
-    log.info("%s, backend %s", procs.describe(), state.backend)
+    procs = Processes(rank=state.process_index, local_rank=state.local_process_index, world_size=state.num_processes,
+                      device=torch.device("cpu") if cpu else torch.device(state.device))
+    log.info("%s, backend %s, collectives on %s", procs.describe(), state.backend, procs.device)
     return procs
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -181,7 +180,7 @@ class FixedKLController:
 class AdaptiveKLController:
     """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, +-0.2) * n / horizon)."""
 
-    def __init__(self, init_beta: float, target: float, horizon: int) -> None:
+    def __init__(self, init_beta: float, target: float, horizon: float) -> None:
         self.value, self.target, self.horizon = init_beta, target, horizon
 
     def update(self, current_kl: float, n_steps: int) -> None:
@@ -191,10 +190,14 @@ class AdaptiveKLController:
 
 
 def make_kl_controller(params: PPOParams) -> FixedKLController | AdaptiveKLController:
-    """The KL controller that params.kl_control names, starting at init_kl_coef."""
+    """The KL controller that params.kl_control names, starting at init_kl_coef. The adaptive one's horizon is
+    kl_horizon_fraction * total_episodes: over a whole run beta can then move by up to exp(+-0.2 / fraction)
+    (x/ 7.4 at 0.1) at any run length, where a horizon in episodes (lm-human-preferences' 10000, made for
+    millions of episodes) would leave beta within +-8 % over the real profile's 4096."""
     if params.kl_control == "fixed":
         return FixedKLController(params.init_kl_coef)
-    return AdaptiveKLController(params.init_kl_coef, params.target_kl, params.kl_horizon)
+    return AdaptiveKLController(params.init_kl_coef, params.target_kl,
+                                params.kl_horizon_fraction * params.total_episodes)
 
 
 # =========================================================================== 3. sequences
@@ -320,8 +323,6 @@ class PolicyWithValue(nn.Module):
         super().__init__()
         self.model = model  # a peft PeftModel
         self.value_head = value_head
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._has_logits_to_keep = "logits_to_keep" in inspect.signature(base.forward).parameters
 
     @property
     def device(self) -> torch.device:
@@ -333,16 +334,53 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, n_last: int = 0) -> tuple[Tensor, Tensor]:
         """(logits fp32 [B, n, V], values fp32 [B, n]) at the last `n_last` positions (0: all); position ids come
-        from the attention mask."""
-        kwargs = {"logits_to_keep": n_last} if self._has_logits_to_keep else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids_from_mask(attention_mask), output_hidden_states=True,
-                         use_cache=False, **kwargs)
-        hidden, logits = out.hidden_states[-1], out.logits
+        from the attention mask.
+
+        The LM head runs in fp32 on the upcast final hidden state: bf16 logits are rounded by 0.125-0.5 at
+        |logit| 16-128 (GPT-2's range), and that error would go straight into log rho, the KL and the ratio.
+        The body (with its LoRA layers) runs as the model's own forward does, without its head."""
+        lm = causal_lm(self.model)
+        out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        hidden = out.last_hidden_state
         if n_last:
-            hidden, logits = hidden[:, -n_last:], logits[:, -n_last:]
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-        return logits.float(), values
+            hidden = hidden[:, -n_last:]
+        hidden = hidden.float()
+        head = lm.get_output_embeddings()
+        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+        logits = nn.functional.linear(hidden, head.weight.float(), bias)
+        return logits, self.value_head(hidden).squeeze(-1)
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The causal LM inside a peft model (LoRA layers in place), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def check_fp32_head(lm: nn.Module) -> None:
+    """PolicyWithValue computes the LM head itself (in fp32): refuse models whose head is more than one linear
+    layer over the body's last hidden state (a LoRA on the head, logit scaling or soft-capping), checked by
+    comparing with the model's own logits on a few tokens."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    head = lm.get_output_embeddings()
+    if isinstance(head, BaseTunerLayer) or not isinstance(getattr(head, "weight", None), Tensor):
+        raise ConfigError("PPO computes the LM head in fp32 itself: leave the output layer (lm_head) out of "
+                          "lora.target_modules")
+    device = head.weight.device
+    ids = torch.arange(8, device=device).remainder(head.weight.shape[0]).unsqueeze(0)
+    mask = torch.ones_like(ids)
+    was_training = lm.training
+    lm.eval()
+    with torch.no_grad():
+        mine = PolicyWithValue(lm, nn.Linear(head.weight.shape[1], 1, device=device))(ids, mask)[0]
+        theirs = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                    use_cache=False).logits.float()
+    lm.train(was_training)
+    tol = 1e-4 if head.weight.dtype == torch.float32 else 0.05 * (1.0 + theirs.abs().max().item())
+    if (mine - theirs).abs().max().item() > tol:
+        raise ConfigError(f"{type(lm).__name__}'s logits are not a linear head over its last hidden state "
+                          "(logit scaling or soft-capping?): PPO's fp32 head cannot reproduce them")
 
 
 def _hidden_size(base_model: nn.Module) -> int:
@@ -366,6 +404,7 @@ def build_policy(base_model: nn.Module, params: PPOParams, target_modules: Seque
     # lora_dropout 0: the training forward must equal the rollout forward (see disable_dropout)
     peft_model = get_peft_model(base_model, modeling.lora_config(base_model, "CAUSAL_LM", params.lora_r,
                                                                  params.lora_alpha, 0.0, target_modules))
+    check_fp32_head(peft_model.get_base_model())
     device = next(base_model.parameters()).device
     value_head = nn.Linear(_hidden_size(base_model), 1, device=device, dtype=torch.float32)
     nn.init.zeros_(value_head.weight)
@@ -399,6 +438,7 @@ def load_policy(base_model: nn.Module, path: str | Path, *, trainable: bool = Fa
                             "run the ppo stage first")
     disable_dropout(base_model)
     peft_model = PeftModel.from_pretrained(base_model, str(path), is_trainable=trainable)
+    check_fp32_head(peft_model.get_base_model())
     state = load_file(str(path / VALUE_HEAD_FILE))
     device = next(base_model.parameters()).device
     value_head = nn.Linear(state["weight"].shape[1], 1, device=device, dtype=torch.float32)
@@ -550,6 +590,7 @@ class Batch:
     entropy: Tensor  # per-token entropy of pi_old
     raw_score: Tensor  # [B] the reward model's score
     score: Tensor  # [B] the score PPO maximises: (raw - mean) / std - missing_eos_penalty * [no EOS]
+    generation_s: float = 0.0  # wall time of generate() for this batch (rollout tokens/s)
 
 
 @dataclass
@@ -570,8 +611,13 @@ def collect_rollouts(policy: PolicyWithValue, prompts: Sequence[Sequence[int]], 
                      device: torch.device) -> Batch:
     """Step 1: sample one response per prompt, then score it (`score_rollout`)."""
     query, query_mask = left_pad(prompts, pad_token_id, device)
+    start = time.perf_counter()
     rollout = generate_responses(policy, query, query_mask, eos_token_id, pad_token_id)
-    return score_rollout(policy, rollout, score_fn, score_stats, params)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    generation_s = time.perf_counter() - start
+    return dataclasses.replace(score_rollout(policy, rollout, score_fn, score_stats, params),
+                               generation_s=generation_s)
 
 
 @torch.no_grad()
@@ -708,6 +754,7 @@ class PPOResult:
     wall_time_s: float
     episodes_per_s: float
     evals: list[dict[str, float]] = field(default_factory=list)
+    rollout_tokens_per_s: float = 0.0  # response tokens (up to EOS) sampled per second of generate(), this process
 
 
 @dataclass
@@ -798,22 +845,48 @@ def _check_length(policy: PolicyWithValue, prompts: Sequence[Sequence[int]], par
     limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
     longest = max(len(p) for p in prompts)
     if limit and longest + params.response_length > limit:
+        also = f" or lower ppo.response_length to <= {limit - longest}" if longest < limit else ""
         raise ConfigError(f"ppo.response_length ({params.response_length}) + the longest prompt ({longest} tokens) "
-                          f"exceeds the model's {limit} positions: shorten prompts or lower ppo.response_length")
+                          f"exceeds the model's {limit} positions: lower data.max_prompt_chars or use a model with "
+                          f"more positions (model.tiny.n_positions, model.name){also}")
+
+
+# The largest max |log rho| before an update's first optimizer step that a correct run shows, by the backbone's
+# dtype. The rollout forward and the training forward see the same weights and tokens; they differ only by the
+# rounding of kernels picked for other batch shapes (and, in half precision, by the bf16/fp16 body: the head is
+# fp32). Gross mismatches -- dropout left on, another attention path -- give nats; in fp32 the check also
+# catches subtle ones (0.59 for GPT-2's position ids under left padding). Measured figures: docs/ppo.md.
+RATIO_DEV_TOLERANCE = {torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.5}
+
+
+def check_first_ratio(ratio_dev_first: float, dtype: torch.dtype, update: int) -> None:
+    """Fail when the training forward does not reproduce the rollout's log-probs before the first step: PPO's
+    ratio and clipping would then measure the mismatch, not the policy's change."""
+    tolerance = RATIO_DEV_TOLERANCE[dtype]
+    if ratio_dev_first > tolerance:
+        raise EdgeRLHFError(
+            f"PPO's training forward differs from its rollout forward at update {update}: max |log ratio| before "
+            f"the first step is {ratio_dev_first:.3g} > {tolerance:g} (tolerance for {str(dtype).split('.')[-1]}); "
+            "dropout, position ids or the attention implementation differ between model.eval() and model.train()"
+            " -- report this with the model name")
 
 
 # Stats that are the same in every process (the rest are averaged over the processes' episodes).
 SHARED_STATS = ("update", "episodes", "beta", "lr")
+# Stats whose worst process matters: the maximum over the processes, not the mean.
+MAX_STATS = ("ratio_dev_first",)
 
 
 def mean_over_processes(stats: dict[str, float], procs: Processes) -> dict[str, float]:
-    """An update's stats over the episodes of all processes: each process's batch mean, averaged (equal batches).
-    ratio_dev_first and skipped_steps become means too; with one process the stats are returned as they are."""
+    """An update's stats over the episodes of all processes: each process's batch mean, averaged (equal batches);
+    ratio_dev_first is the maximum over the processes. With one process the stats are returned as they are."""
     if procs.world_size == 1:
         return stats
-    keys = [k for k in stats if k not in SHARED_STATS]
-    means = procs.mean(torch.tensor([stats[k] for k in keys], dtype=torch.float64)).tolist()
-    return {**stats, **dict(zip(keys, means, strict=True))}
+    mean_keys = [k for k in stats if k not in SHARED_STATS and k not in MAX_STATS]
+    max_keys = [k for k in stats if k in MAX_STATS]
+    means = procs.mean(torch.tensor([stats[k] for k in mean_keys], dtype=torch.float64)).tolist()
+    maxima = procs.max(torch.tensor([stats[k] for k in max_keys], dtype=torch.float64)).tolist()
+    return {**stats, **dict(zip(mean_keys, means, strict=True)), **dict(zip(max_keys, maxima, strict=True))}
 
 
 def init_loop(policy: PolicyWithValue, params: PPOParams, seed: int, procs: Processes, device: torch.device,
@@ -873,6 +946,8 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
     per_update = params.batch_size * procs.world_size
     num_updates = params.total_episodes // per_update
     evaluate = evaluator if (evaluator is not None and evaluator.prompts and params.eval_every) else None
+    dtype = causal_lm(policy.model).get_output_embeddings().weight.dtype
+    generated_tokens, generation_s = 0.0, 0.0
     run_id = checkpoint_identity(checkpoint.fingerprint if checkpoint else "", params, seed, len(prompts))
     ckpt = checkpoint.file(procs) if checkpoint and params.checkpoint_every else None
     if ckpt is not None and agree_on_checkpoint(ckpt, run_id, procs):
@@ -891,11 +966,14 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
         first = (update - 1) * per_update + procs.rank * params.batch_size  # this process's first episode
         batch_prompts = [prompts[i] for i in prompt_indices(len(prompts), seed, first, params.batch_size)]
         batch = collect_rollouts(policy, batch_prompts, score_fn, state.score_stats, params, eos_id, pad_id, device)
+        generated_tokens += batch.mask.sum().item()
+        generation_s += batch.generation_s
         beta = state.kl_ctl.value
         adv = compute_advantages(batch, beta, params)
         update_stats = ppo_update(policy, state.optimizer, state.scaler, batch, adv, params, state.shuffle_rng, procs)
         stats = mean_over_processes({"update": float(update), "episodes": float(update * per_update),
                                      **rollout_stats(batch, adv, beta), **update_stats, "beta": beta, "lr": lr}, procs)
+        check_first_ratio(stats["ratio_dev_first"], dtype, update)
         state.kl_ctl.update(stats["kl"], per_update)
         if evaluate and (update % params.eval_every == 0 or update == num_updates):
             stats.update(evaluate(policy, score_fn, params, device))
@@ -914,7 +992,8 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
     episodes_run = (num_updates - start) * per_update  # by this call: a resumed run's throughput is its own
     return PPOResult(history=state.history, score_mean=state.score_stats[0], score_std=state.score_stats[1],
                      episodes=num_updates * per_update, updates=num_updates, wall_time_s=wall,
-                     episodes_per_s=episodes_run / wall if wall > 0 else 0.0, evals=state.evals)
+                     episodes_per_s=episodes_run / wall if wall > 0 else 0.0, evals=state.evals,
+                     rollout_tokens_per_s=generated_tokens / generation_s if generation_s > 0 else 0.0)
 
 
 # =========================================================================== 8. resumable checkpoints

@@ -19,9 +19,11 @@ from edgerlhf.modeling import Device
 
 log = logging.getLogger("edgerlhf")
 
+# Every per-update stat of train_ppo (ppo.rollout_stats, ppo.UPDATE_STATS and the first-step checks) is a curve;
+# tests/test_ppo_stage.py guards that none is left out.
 PLOT_KEYS = ("update", "episodes", "score", "score_norm", "kl", "beta", "rlhf_reward", "entropy", "clipfrac",
-             "approx_kl", "value_loss", "policy_loss", "explained_variance", "lr", "response_tokens",
-             "no_eos_fraction")
+             "approx_kl", "value_loss", "policy_loss", "vf_clipfrac", "grad_norm", "ratio_dev_first",
+             "skipped_steps", "explained_variance", "lr", "response_tokens", "no_eos_fraction")
 
 
 def tokenize_prompts(tokenizer, records: list[dict]) -> list[list[int]]:
@@ -57,7 +59,26 @@ def probe_logprobs(policy: ppo.PolicyWithValue, tokenizer, records: list[dict], 
 
 
 def _finite(x: float) -> float:
-    return round(x, 6) if math.isfinite(x) else 0.0
+    """A stat that train_ppo guarantees finite (it stops on a non-finite one), rounded for stable diffs."""
+    if not math.isfinite(x):
+        raise ValueError(f"non-finite PPO stat {x}")
+    return round(x, 6)
+
+
+def _curve_value(key: str, x: float) -> float | str:
+    """A curve cell: the explained variance is undefined (NaN) when the returns of a batch do not vary; that
+    cell stays empty (a gap in the plot), never a made-up 0."""
+    return "" if key == "explained_variance" and math.isnan(x) else _finite(x)
+
+
+def explained_variance_summary(history: list[dict]) -> dict[str, float | int]:
+    """Mean and last of the explained variance over the updates where it is defined, and how many were not."""
+    defined = [row["explained_variance"] for row in history if math.isfinite(row["explained_variance"])]
+    summary: dict[str, float | int] = {"explained_variance_undefined_updates": len(history) - len(defined)}
+    if defined:
+        summary.update({"explained_variance_mean": _finite(sum(defined) / len(defined)),
+                        "explained_variance_end": _finite(defined[-1])})
+    return summary
 
 
 def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, *, checkpoint_dir: Path | None = None,
@@ -98,7 +119,7 @@ def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, *, ch
         sort_keys=False))
 
     h = result.history
-    curves = [{k: _finite(row[k]) for k in PLOT_KEYS if k in row} for row in h]
+    curves = [{k: _curve_value(k, row[k]) for k in PLOT_KEYS} for row in h]
     kl_at = {int(row["update"]): row["kl"] for row in h}
     evals = [{"update": int(e["update"]), "kl": _finite(kl_at.get(int(e["update"]), 0.0)),
               "gold": _finite(e["gold"]), "proxy": _finite(e["proxy"])} for e in result.evals]
@@ -108,11 +129,18 @@ def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, *, ch
         "kl_end": _finite(h[-1]["kl"]),
         "entropy_end": _finite(h[-1]["entropy"]),
         "clipfrac_mean": _finite(sum(r["clipfrac"] for r in h) / len(h)),
+        "vf_clipfrac_mean": _finite(sum(r["vf_clipfrac"] for r in h) / len(h)),
+        "grad_norm_mean": _finite(sum(r["grad_norm"] for r in h) / len(h)),
+        "ratio_dev_first_max": _finite(max(r["ratio_dev_first"] for r in h)),
+        "ratio_dev_tolerance": ppo.RATIO_DEV_TOLERANCE[device.dtype],
+        "skipped_steps": int(sum(r["skipped_steps"] for r in h)),
         "value_loss_end": _finite(h[-1]["value_loss"]),
+        **explained_variance_summary(h),
         "beta_end": _finite(h[-1]["beta"]),
         "episodes": result.episodes,
         "updates": result.updates,
         "episodes_per_s": _finite(result.episodes_per_s),
+        "rollout_tokens_per_s": _finite(result.rollout_tokens_per_s),
         "score_norm_mean": _finite(result.score_mean),
         "score_norm_std": _finite(result.score_std),
         "trainable_params": trainable,

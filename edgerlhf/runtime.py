@@ -148,6 +148,10 @@ def remove_outputs(*paths: str | Path) -> None:
             p.unlink()
 
 
+# Metrics that measure speed: they differ between otherwise identical runs (determinism and resume checks skip them).
+TIMING_KEYS = ("wall_time_s", "episodes_per_s", "rollout_tokens_per_s")
+
+
 class Timer:
     """Wall-clock and peak-VRAM bookkeeping for a stage's metrics."""
 

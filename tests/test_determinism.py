@@ -7,11 +7,12 @@ import subprocess
 
 import pytest
 
+from edgerlhf.runtime import TIMING_KEYS
 from tests.conftest import tool_env
 
-TIMING = {"wall_time_s", "episodes_per_s"}
+TIMING = set(TIMING_KEYS)
 STAGES = {"sft": "metrics/sft.json", "reward@int4": "metrics/reward/int4.json", "ppo@int4": "metrics/ppo/int4.json"}
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.extra]  # 60 s of reruns: make test-extra
 
 
 def test_rerun_from_scratch_gives_identical_metrics(pipeline_run, tmp_path):

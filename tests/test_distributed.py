@@ -63,7 +63,19 @@ def _worker(rank: int, port: int, tmp: str, results) -> None:
     from edgerlhf import ppo
 
     procs = distributed.init_processes(HardwareParams(device="cpu", num_processes=2))
-    out = {"rank": procs.rank, "world": procs.world_size}
+    out = {"rank": procs.rank, "world": procs.world_size, "device": str(procs.device)}
+    # the device of every tensor that reaches the backend (NCCL would reject any but the GPU's)
+    devices = set()
+
+    def recording(real):
+        def spy(*args, **kwargs):
+            for a in args:
+                devices.update(str(t.device) for t in (a if isinstance(a, list) else [a]) if torch.is_tensor(t))
+            return real(*args, **kwargs)
+        return spy
+
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast"):
+        setattr(torch.distributed, name, recording(getattr(torch.distributed, name)))
 
     # 1. all-reduce: loss_r = mean over rank r's half of (w.x - t)^2; dL/dw = 2/n sum (w.x - t) x. The mean of the
     #    two halves' gradients is the gradient of the whole batch (equal halves), the oracle computed by hand.
@@ -118,6 +130,7 @@ def _worker(rank: int, port: int, tmp: str, results) -> None:
     out["ppo_episodes"] = [h["episodes"] for h in result.history]
     out["ppo_weights"] = torch.cat([p.detach().reshape(-1) for p in policy.parameters() if p.requires_grad]).tolist()
     out["ppo_kl"] = [h["kl"] for h in result.history]
+    out["collective_devices"] = sorted(devices)
     results[rank] = out
     torch.distributed.destroy_process_group()
 
@@ -156,3 +169,9 @@ def test_two_process_ppo_keeps_the_replicas_identical(two_processes):
     assert first["ppo_episodes"] == [64.0]
     assert first["ppo_weights"] == second["ppo_weights"]
     assert first["ppo_kl"] == second["ppo_kl"]  # logged stats are means over both processes
+
+
+def test_collectives_reach_the_backend_on_its_device(two_processes):
+    for out in two_processes:
+        assert out["device"] == "cpu"  # gloo; under NCCL init_processes gives cuda:<local rank>
+        assert out["collective_devices"] == [out["device"]]

@@ -350,13 +350,14 @@ def test_same_seed_bit_identical_and_eval_does_not_perturb_training():
 
 def test_schedule_beta_penalty_and_normalisation():
     params = small_params(total_episodes=24, lr_schedule="linear", normalize_score=False, missing_eos_penalty=0.5,
-                          kl_control="adaptive", init_kl_coef=0.2, target_kl=0.5, kl_horizon=100, eval_every=0)
+                          kl_control="adaptive", init_kl_coef=0.2, target_kl=0.5, kl_horizon_fraction=0.5,
+                          eval_every=0)
     r = run(params)
     h = r.history
     assert [x["lr"] for x in h] == pytest.approx([3e-3, 2e-3, 1e-3])
     for prev, cur in itertools.pairwise(h):
         err = min(max(prev["kl"] / 0.5 - 1, -0.2), 0.2)
-        assert cur["beta"] == pytest.approx(prev["beta"] * (1 + err * 8 / 100))
+        assert cur["beta"] == pytest.approx(prev["beta"] * (1 + err * 8 / (0.5 * 24)))
     assert (r.score_mean, r.score_std) == (0.0, 1.0)
     for x in h:  # normalised score = raw - penalty * (no EOS)
         assert x["score_norm"] == pytest.approx(x["score"] - 0.5 * x["no_eos_fraction"])
