@@ -19,7 +19,7 @@ HF_CACHE ?= $(HOME)/.cache/huggingface
 DOCKER_RUN := docker run --rm --init --user "$$(id -u):$$(id -g)" -v "$(CURDIR)":/workspace
 TORCH_CPU_WHEELS ?= https://download.pytorch.org/whl/cpu/torch/
 
-.PHONY: setup all smoke test test-extra lint metrics diff plots bench clean lock docker-build docker-all docker-smoke generate export
+.PHONY: setup all smoke test test-extra lint metrics diff plots bench gpu-check clean lock docker-build docker-all docker-smoke generate export
 
 # Inside the image (EDGERLHF_IMAGE=1) the environment already exists: don't build a .venv in the mounted repo.
 ifeq ($(EDGERLHF_IMAGE),1)
@@ -36,7 +36,10 @@ $(STAMP): requirements.lock pyproject.toml edgerlhf/bootstrap.py
 	@PATH='$(USER_PATH)' $(or $(PYTHON),python3) edgerlhf/bootstrap.py --venv $(VENV) --torch $(TORCH_VERSION) --stamp $(STAMP) \
 	    $(if $(PYTHON),--python $(PYTHON))
 
+# The preflight names a misspelled params.yaml key (and the closest valid one) before DVC reports it as
+# "Parameters '<the key it expected>' are missing" (README: the real run).
 all: setup
+	$(BIN)/python -m edgerlhf.config check params.yaml
 	dvc repro
 
 smoke: setup
@@ -71,6 +74,12 @@ plots: setup
 # make bench [BENCH_ARGS="--shapes distilgpt2 --precisions int4 --steps 5"]
 bench: setup
 	$(BIN)/python -m edgerlhf.bench $(BENCH_ARGS)
+
+# Every stage for real (sft, reward@bf16/int8/int4, ppo@P, evaluate, + ppo@int4 in fp16) at distilgpt2 shapes on
+# HH-shaped text under hardware.vram_budget_gb, <= 10 min on one GPU -> metrics/gpu_check.json (docs/gpu-check.md).
+# Without CUDA: a reduced CPU mode (a few minutes; not GPU figures). make gpu-check [GPU_CHECK_ARGS="--reduced"]
+gpu-check: setup
+	$(BIN)/python -m edgerlhf.gpu_check $(GPU_CHECK_ARGS)
 
 # Regenerate requirements.lock (offline: make lock TORCH_CPU_WHEELS=<a folder of torch wheels>). See requirements.in.
 lock: setup

@@ -10,6 +10,8 @@ stage does work (see `errors.ConfigError`, exit code 2).
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,12 @@ SPLITS = ("sft_train", "sft_eval", "rm_train", "rm_test", "ppo_prompts", "eval_p
 # Where `prepare` draws each split from: the source's train part or its test part (in this order of allocation).
 TRAIN_SPLITS = ("sft_train", "rm_train", "ppo_prompts", "judge_train")
 TEST_SPLITS = ("rm_test", "sft_eval", "eval_prompts")
+# Committed folders (each holds only a README.md): the defaults of model.local_path and data.jsonl_path. dvc.yaml
+# lists both params as deps of `base` / `prepare` whatever the source, and DVC fails on a dep that does not exist.
+LOCAL_MODEL_DIR = "models/local"
+LOCAL_DATA_DIR = "data/local"
+# Folders under models/ the pipeline writes (DVC outs): a local model there would be a cycle in the map.
+PIPELINE_MODEL_DIRS = ("models/base", "models/sft", "models/reward", "models/ppo")
 
 
 def _f(default: Any, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
@@ -56,9 +64,12 @@ class TinyModelParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    source: Literal["hub", "tiny"] = "hub"
+    source: Literal["hub", "local", "tiny"] = _f("hub", doc="hub: model.name@revision | local: the folder "
+                                                          "model.local_path | tiny: built from model.tiny (offline)")
     name: str = "distilgpt2"
     revision: str = "main"
+    local_path: str = _f(LOCAL_MODEL_DIR, doc="model.source local: the model folder (safetensors + config + "
+                                              "tokenizer); always a DVC dep of `base`, so it must exist")
     trust_remote_code: bool = False
     tiny: TinyModelParams = field(default_factory=TinyModelParams)
 
@@ -76,10 +87,14 @@ class SplitSizes:
 
 @dataclass(frozen=True)
 class DataParams:
-    source: Literal["hh-rlhf", "jsonl", "synthetic"] = "hh-rlhf"
+    source: Literal["hub", "jsonl", "synthetic"] = _f("hub", doc="hub: data.hub_id | jsonl: data.jsonl_path | "
+                                                             "synthetic: the offline task")
     hub_id: str = "Anthropic/hh-rlhf"
     hub_revision: str = "main"
-    jsonl_path: str = ""
+    hub_train_split: str = _f("train", doc="the hub split the train-side splits are cut from")
+    hub_test_split: str = _f("test", doc="the hub split the test-side splits are cut from (the same name: one pool)")
+    jsonl_path: str = _f(LOCAL_DATA_DIR, doc="data.source jsonl: the JSONL file; always a DVC dep of `prepare`, "
+                                             "so it must exist (the default is an empty folder)")
     on_malformed: Literal["error", "skip"] = "error"
     max_prompt_chars: int = _f(1024, lo=16, doc="longer prompts are skipped and counted")
     knowledge_repeats: int = _f(200, lo=0, doc="synthetic task: copies of its fact statements in the corpus")
@@ -188,7 +203,7 @@ class PPOParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    judge: str = _f("auto", doc="auto: rule scorer (synthetic) or the trained judge (hh-rlhf); or a hub RM id")
+    judge: str = _f("auto", doc="auto: rule scorer (synthetic) or the trained judge (hub/jsonl); or a hub RM id")
     max_new_tokens: int = _f(64, lo=1)
     temperature: float = _f(0.7, lo=0.0, lo_open=True)
     top_k: int = _f(0, lo=0)
@@ -267,12 +282,33 @@ def _build(cls: type, raw: dict, prefix: str = "") -> Any:
     names = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
-            raise ConfigError(f"unknown key {prefix}{key} (allowed: {', '.join(names)})")
+            close = suggest_key(f"{prefix}{key}")
+            hint = f"did you mean {close}?" if close else f"allowed here: {', '.join(names)}"
+            raise ConfigError(f"unknown key {prefix}{key} ({hint})")
     kwargs = {}
     for name, f in names.items():
         if name in raw:
             kwargs[name] = _coerce(prefix + name, raw[name], hints[name], dict(f.metadata))
     return cls(**kwargs)
+
+
+def all_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every valid params key, dotted (sections and their keys): `reward`, `reward.learning_rate`, ..."""
+    cls = cls or Params
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += all_keys(hints[f.name], f"{prefix}{f.name}.")
+    return out
+
+
+def suggest_key(key: str) -> str | None:
+    """The valid key closest to a misspelled dotted `key` (difflib), e.g. reward.learnin_rate ->
+    reward.learning_rate, sft.target_kl -> ppo.target_kl; None when nothing is close."""
+    match = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    return match[0] if match else None
 
 
 def _check_cross_field(p: Params) -> None:
@@ -298,10 +334,20 @@ def _check_cross_field(p: Params) -> None:
         raise ConfigError(f"ppo.total_episodes ({p.ppo.total_episodes}) must be >= ppo.batch_size ({p.ppo.batch_size})")
     if p.model.tiny.n_embd % p.model.tiny.n_head:
         raise ConfigError(f"model.tiny.n_embd ({p.model.tiny.n_embd}) must be divisible by model.tiny.n_head")
-    if p.data.source == "jsonl" and not p.data.jsonl_path:
-        raise ConfigError("data.jsonl_path must be set when data.source is 'jsonl'")
-    if p.model.source == "tiny" and p.data.source == "hh-rlhf" and p.model.tiny.vocab_size < 256:
-        raise ConfigError("model.tiny.vocab_size must be >= 256 for hh-rlhf text")
+    # Both paths are deps of dvc.yaml whatever the source (DVC deps cannot be conditional): never empty.
+    if not p.data.jsonl_path.strip():
+        raise ConfigError(f"data.jsonl_path must be set (a JSONL file for data.source jsonl; else keep the default "
+                          f"{LOCAL_DATA_DIR}): dvc.yaml's prepare stage depends on it")
+    if not p.model.local_path.strip():
+        raise ConfigError(f"model.local_path must be set (a model folder for model.source local; else keep the "
+                          f"default {LOCAL_MODEL_DIR}): dvc.yaml's base stage depends on it")
+    local = Path(p.model.local_path)
+    if not local.is_absolute() and any(local == Path(d) or Path(d) in local.parents for d in PIPELINE_MODEL_DIRS):
+        raise ConfigError(f"model.local_path ({p.model.local_path}) is inside a folder the pipeline writes; copy "
+                          f"the model to {LOCAL_MODEL_DIR}/<name> and point model.local_path there")
+    if p.model.source == "tiny" and p.data.source != "synthetic" and p.model.tiny.vocab_size < 256:
+        raise ConfigError(f"model.tiny.vocab_size must be >= 256 for real text (data.source: {p.data.source}); "
+                          "the byte-level tokenizer needs 256 symbols before any merge")
 
 
 def parse_params(raw: Any) -> Params:
@@ -357,3 +403,30 @@ def to_dict(params: Any) -> dict:
     """Params (or a section) as plain YAML-able dicts, e.g. for model cards and saved runs."""
     return dataclasses.asdict(params)
 
+
+def check_main(argv: list[str] | None = None) -> int:
+    """`python -m edgerlhf.config check [params.yaml]`: the preflight `make all` runs before `dvc repro`.
+
+    DVC reads the params each stage lists before any stage runs, so a misspelled key there surfaces as DVC's
+    "Parameters 'reward.learning_rate' are missing", which names the key it looked for, not the typo. This
+    validates the whole file as every stage does (`load_params`) and names the typo and the closest valid key:
+    one line on stderr and exit code 2 (ConfigError), or "<file>: valid" and 0."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m edgerlhf.config",
+                                     description="Validate params.yaml before DVC runs (unknown keys, types, ranges).")
+    parser.add_argument("command", choices=["check"])
+    parser.add_argument("path", nargs="?", default="params.yaml")
+    args = parser.parse_args(argv)
+    try:
+        load_params(args.path)
+    except ConfigError as exc:
+        where = "" if str(exc).startswith(str(args.path)) else f"{args.path}: "
+        print(f"error [params]: {where}{exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"{args.path}: valid")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(check_main())

@@ -1,20 +1,22 @@
-"""Preference data: HH-RLHF transcripts and local JSONL into `{"prompt", "chosen", "rejected"}` records.
+"""Preference data in the formats people have, normalised to one `{"prompt", "chosen", "rejected"}` record.
 
 Record convention (every split JSONL the pipeline writes, and every record these functions return):
 
-- ``prompt``: the whole dialogue up to and INCLUDING the final ``"\\n\\nAssistant:"`` marker, kept
-  exactly as in HH-RLHF, so it starts with ``"\\n\\nHuman: ..."`` (leading newlines are not stripped)
-  and ends with ``"\\n\\nAssistant:"`` (no trailing space).
-- ``chosen`` / ``rejected``: the final assistant responses, i.e. the transcript text after that marker,
-  kept verbatim with the leading space HH-RLHF puts there (``" Sure, ..."``).
+- ``prompt``: the whole dialogue up to and INCLUDING the final ``"\\n\\nAssistant:"`` marker, as in HH-RLHF, so
+  it starts with ``"\\n\\nHuman: ..."`` and ends with ``"\\n\\nAssistant:"`` (no trailing space).
+- ``chosen`` / ``rejected``: the final assistant responses, i.e. the transcript text after that marker, with the
+  leading space HH-RLHF puts there (``" Sure, ..."``).
 
-Hence ``prompt + chosen`` is exactly HH-RLHF's raw ``chosen`` transcript. A raw transcript is split at the
-LAST ``"\\n\\nAssistant:"``, so earlier assistant turns stay in the prompt. No normalisation is applied.
+Hence ``prompt + chosen`` is exactly HH-RLHF's raw ``chosen`` transcript. The accepted input forms (HH raw
+transcripts, the split form with or without its markers, TRL's conversational form with or without an explicit
+prompt) are recognised per record and normalised by `edgerlhf.formats`; every source (a local JSONL, any hub
+dataset) goes through it, and `metrics/data.json` counts the records of each form.
 
-Malformed input never disappears silently: with ``on_malformed="error"`` the first bad row raises
-`DataError` with one line naming the file and line (or source and row); with ``"skip"`` each bad row is
-counted under a reason (see ``REASON_*``), logged, and returned in the skip counts. Prompts longer than
-``max_prompt_chars`` are dropped under ``"prompt_too_long"`` in both modes (a filter, not an error).
+Malformed input never disappears silently: with ``on_malformed="error"`` the first bad row raises `DataError`
+with one line naming the file and line (or source and row) and the reason; with ``"skip"`` each bad row is
+counted under its reason, logged, and returned in the skip counts. Pairs whose chosen equals rejected carry no
+preference: they are dropped and counted (``identical_pair``) in both modes, as are prompts longer than
+``max_prompt_chars`` (``prompt_too_long``): filters, not errors.
 """
 
 from __future__ import annotations
@@ -26,81 +28,31 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypedDict
+from typing import Any, Literal, NamedTuple
 
+from edgerlhf import formats, paths
 from edgerlhf.config import TEST_SPLITS, TRAIN_SPLITS
 from edgerlhf.errors import ArtifactError, DataError, HubError
-
-ASSISTANT_MARKER = "\n\nAssistant:"
-FIELDS = ("prompt", "chosen", "rejected")
+from edgerlhf.formats import FIELDS, MalformedRecord, Record
 
 REASON_INVALID_JSON = "invalid_json"
 REASON_INVALID_UTF8 = "invalid_utf8"
-REASON_NOT_OBJECT = "not_object"
-REASON_MISSING_FIELD = "missing_field"
-REASON_NOT_STRING = "non_string_field"
-REASON_NO_MARKER = "no_assistant_marker"
-REASON_EMPTY_RESPONSE = "empty_response"
-REASON_PROMPT_MISMATCH = "prompt_mismatch"
-REASON_NOT_PAIR = "not_a_pair"
 REASON_TOO_LONG = "prompt_too_long"
 
 OnMalformed = Literal["error", "skip"]
 _SKIP_HINT = "set data.on_malformed: skip"
 
 
-class Record(TypedDict):
-    """One preference pair in the convention of the module docstring (a plain dict at runtime)."""
-
-    prompt: str
-    chosen: str
-    rejected: str
-
-
 class LoadResult(NamedTuple):
-    """Records kept plus how many rows were dropped and why; unpacks as (records, skipped, reasons)."""
+    """Records kept, how many rows were dropped and why, and how many of each input form were read."""
 
     records: list[Record]
     skipped: int
     reasons: Counter[str]
-
-
-class _Malformed(Exception):
-    """A row-level problem: `reason` is the skip-count key, the message the human-readable detail."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
+    formats: Counter[str]
 
 
 # --------------------------------------------------------------------------- splitting
-
-
-def _split(text: Any, what: str) -> tuple[str, str]:
-    """Split one transcript (`what` names it in messages) at its last Assistant marker, or raise `_Malformed`."""
-    if not isinstance(text, str):
-        raise _Malformed(REASON_NOT_STRING, f"{what} must be a string (got {_json_type(text)})")
-    idx = text.rfind(ASSISTANT_MARKER)
-    if idx < 0:
-        raise _Malformed(REASON_NO_MARKER, f"{what} has no {ASSISTANT_MARKER!r} marker")
-    cut = idx + len(ASSISTANT_MARKER)
-    prompt, response = text[:cut], text[cut:]
-    if not response.strip():
-        raise _Malformed(REASON_EMPTY_RESPONSE, f"{what} has an empty response after the last "
-                                                f"{ASSISTANT_MARKER!r}")
-    return prompt, response
-
-
-def _pair(chosen: Any, rejected: Any) -> Record:
-    """Build a record from two raw transcripts that must share their prompt."""
-    prompt_c, resp_c = _split(chosen, "field 'chosen'")
-    prompt_r, resp_r = _split(rejected, "field 'rejected'")
-    if prompt_c != prompt_r:
-        at = next((i for i, (a, b) in enumerate(zip(prompt_c, prompt_r)) if a != b), min(len(prompt_c), len(prompt_r)))
-        raise _Malformed(REASON_PROMPT_MISMATCH, f"chosen and rejected have different prompts (first difference "
-                                                 f"at character {at})")
-    return {"prompt": prompt_c, "chosen": resp_c, "rejected": resp_r}
 
 
 def split_transcript(text: str) -> tuple[str, str]:
@@ -109,63 +61,18 @@ def split_transcript(text: str) -> tuple[str, str]:
     Raises DataError when there is no marker or the response is empty/whitespace.
     """
     try:
-        return _split(text, "transcript")
-    except _Malformed as exc:
+        return formats.split_at_last_turn(text, "transcript")
+    except MalformedRecord as exc:
         raise DataError(exc.detail) from None
 
 
 def transcript_pair_to_record(chosen_transcript: str, rejected_transcript: str) -> Record:
-    """Turn an HH-RLHF (chosen, rejected) transcript pair into a record; their prompts must be identical."""
+    """Turn an HH-RLHF (chosen, rejected) transcript pair into a (normalised) record; their prompts must be
+    identical."""
     try:
-        return _pair(chosen_transcript, rejected_transcript)
-    except _Malformed as exc:
+        return formats.normalise({"chosen": chosen_transcript, "rejected": rejected_transcript})[1]
+    except MalformedRecord as exc:
         raise DataError(exc.detail) from None
-
-
-def _split_record(obj: dict) -> Record:
-    """Validate a SPLIT-form object ({"prompt", "chosen", "rejected"}) against the record convention."""
-    for key in FIELDS:
-        if key not in obj:
-            raise _Malformed(REASON_MISSING_FIELD, f"missing field {key!r} (split form needs prompt, chosen, rejected)")
-        if not isinstance(obj[key], str):
-            raise _Malformed(REASON_NOT_STRING, f"field {key!r} must be a string (got {_json_type(obj[key])})")
-    if not obj["prompt"].endswith(ASSISTANT_MARKER):
-        raise _Malformed(REASON_NO_MARKER, f"field 'prompt' must end with {ASSISTANT_MARKER!r} (the record "
-                                           f"convention)")
-    for key in ("chosen", "rejected"):
-        if not obj[key].strip():
-            raise _Malformed(REASON_EMPTY_RESPONSE, f"field {key!r} is an empty response")
-    return {"prompt": obj["prompt"], "chosen": obj["chosen"], "rejected": obj["rejected"]}
-
-
-def _object_to_record(obj: Any) -> Record:
-    """Detect the form of one JSON value: SPLIT if it has "prompt", else RAW transcripts."""
-    if not isinstance(obj, dict):
-        raise _Malformed(REASON_NOT_OBJECT, f"expected a JSON object (got {_json_type(obj)})")
-    if "prompt" in obj:
-        return _split_record(obj)
-    for key in ("chosen", "rejected"):
-        if key not in obj:
-            raise _Malformed(REASON_MISSING_FIELD, f"missing field {key!r} (raw form needs chosen, rejected; "
-                                                   f"split form also prompt)")
-    return _pair(obj["chosen"], obj["rejected"])
-
-
-def _json_type(value: Any) -> str:
-    """JSON name of a Python value's type, for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, (list, tuple)):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
 
 
 # --------------------------------------------------------------------------- policy
@@ -179,7 +86,8 @@ def _check_policy(on_malformed: str) -> None:
 
 def _collect(rows: Iterable[tuple[str, Any]], on_malformed: OnMalformed, fix: str, source: str,
              max_prompt_chars: int | None) -> LoadResult:
-    """Apply the error/skip policy and the prompt-length filter to rows of (location, record or `_Malformed`).
+    """Apply the error/skip policy and the two filters (identical pair, prompt length) to rows of (location,
+    (format, record) or `MalformedRecord`).
 
     `fix` is the hint put in error messages before the on_malformed hint; `source` names the rows in the report.
     """
@@ -187,23 +95,29 @@ def _collect(rows: Iterable[tuple[str, Any]], on_malformed: OnMalformed, fix: st
     log = logging.getLogger(__name__)
     records: list[Record] = []
     reasons: Counter[str] = Counter()
+    forms: Counter[str] = Counter()
     seen = 0
     for where, result in rows:
         seen += 1
-        if isinstance(result, _Malformed):
+        if isinstance(result, MalformedRecord):
             if on_malformed == "error":
                 raise DataError(f"{where}: {result.detail}; {fix} or {_SKIP_HINT}")
             reasons[result.reason] += 1
             log.warning("skipping %s: %s", where, result.detail)
             continue
-        if max_prompt_chars is not None and len(result["prompt"]) > max_prompt_chars:
+        form, record = result
+        forms[form] += 1
+        if formats.is_identical(record):
+            reasons[formats.IDENTICAL] += 1
+            continue
+        if max_prompt_chars is not None and len(record["prompt"]) > max_prompt_chars:
             reasons[REASON_TOO_LONG] += 1
             continue
-        records.append(result)
+        records.append(record)
     skipped = sum(reasons.values())
     if skipped:
         log.warning("%s", format_skip_report(source, seen, reasons, max_prompt_chars))
-    return LoadResult(records, skipped, reasons)
+    return LoadResult(records, skipped, reasons, forms)
 
 
 def format_skip_report(source: str, total: int, reasons: Counter[str] | dict[str, int],
@@ -231,24 +145,24 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
 
 
 def _parse_line(line: bytes) -> Any:
-    """Decode and parse one JSONL line, raising `_Malformed` for bad UTF-8 or bad JSON."""
+    """Decode and parse one JSONL line, raising `MalformedRecord` for bad UTF-8 or bad JSON."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise _Malformed(REASON_INVALID_UTF8, f"invalid UTF-8 (byte {exc.start})") from None
+        raise MalformedRecord(REASON_INVALID_UTF8, f"invalid UTF-8 (byte {exc.start})") from None
     try:
         return json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
         msg = exc.msg.removesuffix(" at")  # "Unterminated string starting at" + " at column N"
-        raise _Malformed(REASON_INVALID_JSON, f"invalid JSON ({msg} at column {exc.colno})") from None
+        raise MalformedRecord(REASON_INVALID_JSON, f"invalid JSON ({msg} at column {exc.colno})") from None
 
 
 def read_jsonl(path: str | Path, on_malformed: OnMalformed = "error", *,
                max_prompt_chars: int | None = None) -> LoadResult:
-    """Read a local preference JSONL (RAW {"chosen","rejected"} transcripts or SPLIT records, per line).
+    """Read a local preference JSONL, each line in any accepted form (`edgerlhf.formats`).
 
     Blank lines are ignored. Malformed lines raise DataError "<path>:<line>: <what>" or, with
-    on_malformed="skip", are counted by reason. Returns (records, skipped, reasons).
+    on_malformed="skip", are counted by reason. Returns (records, skipped, reasons, formats).
     """
     _check_policy(on_malformed)
     p = Path(path)
@@ -261,8 +175,8 @@ def read_jsonl(path: str | Path, on_malformed: OnMalformed = "error", *,
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{lineno}", _object_to_record(_parse_line(line))
-            except _Malformed as exc:
+                yield f"{path}:{lineno}", formats.normalise(_parse_line(line))
+            except MalformedRecord as exc:
                 yield f"{path}:{lineno}", exc
 
     try:
@@ -271,14 +185,12 @@ def read_jsonl(path: str | Path, on_malformed: OnMalformed = "error", *,
         raise DataError(f"{path}: cannot read ({exc.strerror or exc}); check data.jsonl_path") from None
 
 
-# --------------------------------------------------------------------------- HH-RLHF from the hub
+# --------------------------------------------------------------------------- a dataset from the hub
 
 
-def load_hh_rlhf(hub_id: str, revision: str, split: str) -> list[tuple[str, str]]:
-    """Load (chosen, rejected) raw transcripts of one split from the hub (or the HF cache when offline).
-
-    Any hub failure becomes one HubError line saying how to run without the network.
-    """
+def load_hub_rows(hub_id: str, revision: str, split: str) -> list[dict[str, Any]]:
+    """The rows of one split of a hub preference dataset (or of the HF cache when offline), as dicts of the
+    columns the accepted forms use. Any hub failure becomes one HubError line saying how to run without it."""
     import datasets  # lazy: importing datasets is slow and only this source needs it
 
     try:
@@ -287,36 +199,38 @@ def load_hh_rlhf(hub_id: str, revision: str, split: str) -> list[tuple[str, str]
         cause = (str(exc).strip().splitlines() or [""])[0]
         cause = f"{type(exc).__name__}: {cause}" if cause else type(exc).__name__
         raise HubError(
-            f"cannot load dataset {hub_id!r} (revision {revision!r}, split {split!r}) ({cause}); to run offline "
-            f"use data.source: jsonl with data.jsonl_path pointing to a local file, or pre-download it into "
-            f"HF_HOME and set HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1"
+            f"cannot load dataset {hub_id!r} (revision {revision!r}, split {split!r}) ({cause}); check "
+            "data.hub_id / data.hub_revision / data.hub_train_split / data.hub_test_split, or to run offline use "
+            "data.source: jsonl with data.jsonl_path pointing to a local file, or pre-download it into HF_HOME and "
+            "set HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1"
         ) from exc
     columns = list(getattr(ds, "column_names", None) or [])
     missing = [c for c in ("chosen", "rejected") if c not in columns]
     if missing:
         raise DataError(f"dataset {hub_id!r} split {split!r} has no {' / '.join(missing)} column (columns: "
-                        f"{', '.join(columns) or 'none'}); data.hub_id must name an HH-RLHF-style dataset")
-    return list(zip(ds["chosen"], ds["rejected"]))
+                        f"{', '.join(columns) or 'none'}); data.hub_id must name a preference dataset in an "
+                        "accepted form (README: data formats)")
+    keep = [c for c in FIELDS if c in columns]
+    values = [ds[c] for c in keep]  # whole columns at once: row-by-row access is slow on 160k HH rows
+    return [dict(zip(keep, row, strict=True)) for row in zip(*values, strict=True)]
 
 
-def records_from_transcripts(pairs: Iterable[Any], on_malformed: OnMalformed = "error", source_name: str = "data",
-                             *, max_prompt_chars: int | None = None) -> LoadResult:
-    """Split (chosen, rejected) transcript pairs into records with the same error/skip policy as read_jsonl.
+def records_from_rows(rows: Iterable[Any], on_malformed: OnMalformed = "error", source_name: str = "data",
+                      *, max_prompt_chars: int | None = None) -> LoadResult:
+    """Normalise rows (dicts in any accepted form) with the same error/skip policy as read_jsonl.
 
-    Errors name `source_name` and the 0-based row index. Returns (records, skipped, reasons).
+    Errors name `source_name` and the 0-based row index. Returns (records, skipped, reasons, formats).
     """
 
-    def rows() -> Iterator[tuple[str, Any]]:
-        for i, pair in enumerate(pairs):
+    def located() -> Iterator[tuple[str, Any]]:
+        for i, row in enumerate(rows):
             where = f"{source_name} row {i}"
             try:
-                if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                    raise _Malformed(REASON_NOT_PAIR, f"expected a (chosen, rejected) pair (got {_json_type(pair)})")
-                yield where, _pair(pair[0], pair[1])
-            except _Malformed as exc:
+                yield where, formats.normalise(row)
+            except MalformedRecord as exc:
                 yield where, exc
 
-    return _collect(rows(), on_malformed, "fix the source", source_name, max_prompt_chars)
+    return _collect(located(), on_malformed, "fix the source", source_name, max_prompt_chars)
 
 
 # --------------------------------------------------------------------------- split files
@@ -345,27 +259,41 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     return n
 
 
-def read_split(path: str | Path) -> list[Record]:
-    """Read a split JSONL written by the prepare stage; a missing or corrupt file is an ArtifactError."""
+def read_split(path: str | Path, expected: int | None = None) -> list[Record]:
+    """Read a split JSONL written by the prepare stage, every line checked against the record convention.
+
+    A missing file is an ArtifactError (run prepare); a truncated, empty or malformed one a DataError naming
+    the file and line: invalid JSON (a line cut short), not an object, a field missing, not a string or not
+    in the convention (empty response, prompt without the final marker). `expected`: the number of records
+    the split must hold (data.sizes.<split>: prepare cuts exactly that many), so a file cut at a line
+    boundary is caught too. Stages call this before any training and before touching their outputs."""
     p = Path(path)
     if not p.is_file():
         raise ArtifactError(f"{path} not found; run the prepare stage (dvc repro prepare)")
+    fix = "re-run the prepare stage (dvc repro prepare)"
     out: list[Record] = []
-    for lineno, line in _iter_lines(p):
-        if not line.strip():
-            continue
-        try:
-            obj = _parse_line(line)
-            if not isinstance(obj, dict):
-                raise _Malformed(REASON_NOT_OBJECT, f"expected a JSON object (got {_json_type(obj)})")
-            for key in FIELDS:
-                if not isinstance(obj.get(key), str):
-                    raise _Malformed(REASON_MISSING_FIELD, f"field {key!r} missing or not a string")
-        except _Malformed as exc:
-            raise ArtifactError(
-                f"{path}:{lineno}: {exc.detail}; re-run the prepare stage (dvc repro prepare)") from None
-        out.append(obj)  # type: ignore[arg-type]
+    try:
+        for lineno, line in _iter_lines(p):
+            if not line.strip():
+                continue
+            try:
+                out.append(formats.check_internal(_parse_line(line)))
+            except MalformedRecord as exc:
+                raise DataError(f"{path}:{lineno}: {exc.detail}; {fix}") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc}); {fix}") from None
+    if expected is not None and len(out) != expected:
+        raise DataError(f"{path}: {len(out)} records, but data.sizes.{p.stem} is {expected} (a truncated or stale "
+                        f"file); {fix}")
+    if not out and expected != 0:
+        raise DataError(f"{path}: no records (an empty or truncated file); {fix}")
     return out
+
+
+def read_splits(sizes: Any, *names: str) -> dict[str, list[Record]]:
+    """Every named split, fully read and checked (`read_split`), each against its size in `sizes`
+    (params.data.sizes): what a stage does first, before it loads a model or touches its outputs."""
+    return {name: read_split(paths.split_file(name), getattr(sizes, name)) for name in names}
 
 
 # --------------------------------------------------------------------------- the prepare stage's splits
@@ -388,45 +316,46 @@ def _allocate(pool: list[Record], names: tuple[str, ...], sizes: dict[str, int],
 def build_splits(data_params: Any, seed: int) -> tuple[dict[str, list[Record]], dict[str, Any]]:
     """Every split of the pipeline as records, from the source params name, plus counts for metrics/data.json.
 
-    Splits are disjoint: hh-rlhf cuts the train splits from its `train` set and the test-side splits
-    (rm_test, sft_eval, eval_prompts) from its `test` set; a local JSONL is shuffled and cut once; the
-    synthetic task draws each split from its own seeded stream."""
+    Splits are disjoint: a hub dataset cuts the train splits from its `data.hub_train_split` and the test-side
+    splits (rm_test, sft_eval, eval_prompts) from its `data.hub_test_split` (one shuffled pool when both name the
+    same split); a local JSONL is shuffled and cut once; the synthetic task draws each split from its own seeded
+    stream. The counts: rows read, rows of each input form, rows dropped per reason."""
     import random
 
     from edgerlhf import synthetic
 
     sizes = {k: getattr(data_params.sizes, k) for k in data_params.sizes.__dataclass_fields__}
-    skipped: Counter[str] = Counter()
-    total_in = 0
     if data_params.source == "synthetic":
         splits = {n: synthetic.generate_split(sizes[n], seed, n) for n in TRAIN_SPLITS + TEST_SPLITS}
         return splits, {"skipped": 0, "input_records": sum(len(v) for v in splits.values())}
 
-    pools: dict[str, list[Record]] = {}
-    if data_params.source == "hh-rlhf":
-        for part in ("train", "test"):
-            pairs = load_hh_rlhf(data_params.hub_id, data_params.hub_revision, part)
-            total_in += len(pairs)
-            res = records_from_transcripts(pairs, data_params.on_malformed, f"{data_params.hub_id}[{part}]",
-                                           max_prompt_chars=data_params.max_prompt_chars)
-            skipped.update(res.reasons)
-            pools[part] = res.records
+    results: dict[str, LoadResult] = {}
+    if data_params.source == "hub":
+        parts = dict.fromkeys((data_params.hub_train_split, data_params.hub_test_split))
+        for part in parts:
+            name = f"{data_params.hub_id}[{part}]"
+            results[name] = records_from_rows(load_hub_rows(data_params.hub_id, data_params.hub_revision, part),
+                                              data_params.on_malformed, name,
+                                              max_prompt_chars=data_params.max_prompt_chars)
     else:
-        res = read_jsonl(data_params.jsonl_path, data_params.on_malformed,
-                         max_prompt_chars=data_params.max_prompt_chars)
-        total_in = len(res.records) + res.skipped
-        skipped.update(res.reasons)
-        pool = list(res.records)
+        results[str(data_params.jsonl_path)] = read_jsonl(data_params.jsonl_path, data_params.on_malformed,
+                                                          max_prompt_chars=data_params.max_prompt_chars)
+    skipped: Counter[str] = sum((r.reasons for r in results.values()), Counter())
+    forms: Counter[str] = sum((r.formats for r in results.values()), Counter())
+    counts = {"skipped": sum(skipped.values()), "input_records": sum(len(r.records) + r.skipped
+                                                                     for r in results.values()),
+              **{f"format_{f}": forms[f] for f in formats.FORMATS},
+              **{f"skipped_{k}": v for k, v in sorted(skipped.items())}}
+    pools = {name: list(r.records) for name, r in results.items()}
+    if len(pools) == 1:  # one JSONL, or one hub split for both sides: shuffled and cut once
+        (name, pool), = pools.items()
         random.Random(seed).shuffle(pool)
-        splits = _allocate(pool, TEST_SPLITS + TRAIN_SPLITS, sizes, str(data_params.jsonl_path))
-        return splits, {"skipped": sum(skipped.values()), "input_records": total_in,
-                        **{f"skipped_{k}": v for k, v in sorted(skipped.items())}}
-    for part in pools:
-        random.Random(f"{seed}/{part}").shuffle(pools[part])
-    splits = {**_allocate(pools["train"], TRAIN_SPLITS, sizes, f"{data_params.hub_id}[train]"),
-              **_allocate(pools["test"], TEST_SPLITS, sizes, f"{data_params.hub_id}[test]")}
-    return splits, {"skipped": sum(skipped.values()), "input_records": total_in,
-                    **{f"skipped_{k}": v for k, v in sorted(skipped.items())}}
+        return _allocate(pool, TEST_SPLITS + TRAIN_SPLITS, sizes, name), counts
+    (train_name, train), (test_name, test) = pools.items()
+    random.Random(f"{seed}/train").shuffle(train)
+    random.Random(f"{seed}/test").shuffle(test)
+    return {**_allocate(train, TRAIN_SPLITS, sizes, train_name), **_allocate(test, TEST_SPLITS, sizes, test_name)}, \
+        counts
 
 
 def pretraining_corpus(source: str, splits: dict[str, list[Record]], knowledge_repeats: int) -> list[str]:
@@ -457,4 +386,17 @@ def read_corpus(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ArtifactError(f"{path} not found; run the prepare stage (dvc repro prepare)")
-    return [json.loads(line)["text"] for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = []
+    for lineno, line in _iter_lines(p):
+        if not line.strip():
+            continue
+        try:
+            obj = _parse_line(line)
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise MalformedRecord(formats.REASON_MISSING_FIELD, "expected an object with a string field 'text'")
+        except MalformedRecord as exc:
+            raise DataError(f"{path}:{lineno}: {exc.detail}; re-run the prepare stage (dvc repro prepare)") from None
+        texts.append(obj["text"])
+    if not texts:
+        raise DataError(f"{path}: no texts (an empty or truncated file); re-run the prepare stage (dvc repro prepare)")
+    return texts

@@ -198,18 +198,38 @@ def read_rm_test_scores(precision: str, n_pairs: int) -> dict[str, list[float]]:
     path = paths.reward_dir(precision) / "rm_test_scores.json"
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: run `dvc repro reward@{precision}` first")
-    scores = json.loads(path.read_text())
-    if len(scores.get("chosen", [])) != n_pairs or len(scores.get("rejected", [])) != n_pairs:
+    try:
+        scores = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}): rerun `dvc repro reward@{precision}`") from None
+    if not isinstance(scores, dict) or len(scores.get("chosen", [])) != n_pairs \
+            or len(scores.get("rejected", [])) != n_pairs:
         raise ArtifactError(f"{path} does not hold {n_pairs} chosen/rejected scores (one per rm_test pair): "
                             f"rerun `dvc repro reward@{precision}`")
     return {"chosen": [float(x) for x in scores["chosen"]], "rejected": [float(x) for x in scores["rejected"]]}
 
 
+def check_inputs(params: Params) -> None:
+    """Everything the evaluate stage will load or read, checked before any model is loaded: the merged SFT model,
+    each PPO policy (adapter + value head) and reward model as safetensors without pickle files, the eval_prompts
+    and rm_test splits record by record, and each reward model's rm_test scores. One ArtifactError/DataError line
+    otherwise, and the previous metrics/eval.json and reports/samples.jsonl stay as they are."""
+    modeling.require_model(paths.SFT_MERGED, "sft")
+    for p in params.reward.precisions:
+        modeling.require_policy(paths.ppo_dir(p), f"ppo@{p}")
+        modeling.require_adapter(paths.reward_dir(p), f"reward@{p}")
+    splits = data.read_splits(params.data.sizes, "eval_prompts", "rm_test")
+    for p in params.reward.precisions:
+        read_rm_test_scores(p, len(splits["rm_test"]))
+
+
 def _check_length(max_positions: int | None, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
     longest = max(len(p) for p in prompts)
     if max_positions and longest + max_new_tokens > max_positions:
+        also = f" or lower eval.max_new_tokens to <= {max_positions - longest}" if longest < max_positions else ""
         raise ConfigError(f"eval.max_new_tokens ({max_new_tokens}) + the longest eval prompt ({longest} tokens) "
-                          f"exceeds the model's {max_positions} positions: lower eval.max_new_tokens")
+                          f"exceeds the model's {max_positions} positions: lower data.max_prompt_chars or use a "
+                          f"model with more positions (model.tiny.n_positions, model.name){also}")
 
 
 def _free() -> None:

@@ -123,6 +123,9 @@ def _base_model_text(params: Params) -> str:
     m = params.model
     if m.source == "hub":
         return f"[`{m.name}`](https://huggingface.co/{m.name}) at revision `{m.revision}` (safetensors snapshot)."
+    if m.source == "local":
+        return (f"The local model folder `{m.local_path}` (its safetensors weights, config and tokenizer), copied "
+                "into `models/base` by the `base` stage.")
     t = m.tiny
     return (f"A tiny {t.arch} ({t.n_layer} layers, {t.n_embd} dims, {t.n_head} heads, {t.n_positions} positions, "
             f"byte-level BPE of {t.vocab_size} tokens trained on the prepared corpus) built from a config by the "
@@ -132,7 +135,7 @@ def _base_model_text(params: Params) -> str:
 
 def _data_text(params: Params) -> str:
     d = params.data
-    if d.source == "hh-rlhf":
+    if d.source == "hub":
         return f"The dataset [`{d.hub_id}`](https://huggingface.co/datasets/{d.hub_id}) at revision `{d.hub_revision}`"
     if d.source == "jsonl":
         return f"The local JSONL `{d.jsonl_path}`"
@@ -153,7 +156,7 @@ def model_card(root: Path, params: Params, precision: str, sampling: Sampling, c
              "tags": ["rlhf", "ppo", "lora-merged", "edgerlhf", f"reward-model-{precision}"]}
     if params.model.source == "hub":
         front["base_model"] = params.model.name
-    if params.data.source == "hh-rlhf":
+    if params.data.source == "hub":
         front["datasets"] = [params.data.hub_id]
     quant = precisions.get(precision).label
     ex_prompt = "\\n\\nHuman: What color is the sky?\\n\\nAssistant:"

@@ -64,12 +64,38 @@ def policy_dir(root: Path, name: str) -> Path:
     return root / (paths.SFT_MERGED if name == SFT else paths.ppo_dir(name.split("@", 1)[1]))
 
 
+class MissingPolicy(ArtifactError):
+    """A policy the run has not trained (yet): `--compare` skips it, a single --policy fails."""
+
+
 def require_policy(root: Path, name: str) -> None:
-    """ArtifactError naming the stage to run when a policy's weights are missing."""
+    """ArtifactError naming the stage to run when a policy's weights are missing (MissingPolicy) or are not
+    safetensors only (`modeling.require_model` / `require_policy`: a pickle file is refused, never skipped)."""
+    from edgerlhf import modeling
+
     marker, stage = ("config.json", "sft") if name == SFT else ("adapter_config.json", name)
     if not (policy_dir(root, name) / marker).exists():
-        raise ArtifactError(f"policy {name}: {policy_dir(root, name) / marker} is missing: run `dvc repro {stage}` "
+        raise MissingPolicy(f"policy {name}: {policy_dir(root, name) / marker} is missing: run `dvc repro {stage}` "
                             "first")
+    if name == SFT:
+        modeling.require_model(policy_dir(root, name), stage)
+    else:
+        modeling.require_policy(policy_dir(root, name), stage)
+
+
+def reward_adapters(root: Path, params: Params) -> dict[str, Path]:
+    """The reward models `--compare` scores with (precision -> adapter folder), each checked for safetensors
+    before any model loads; a missing one is skipped with a warning."""
+    from edgerlhf import modeling
+
+    found = {}
+    for p in params.reward.precisions:
+        adapter = root / paths.reward_dir(p)
+        if not (adapter / "adapter_config.json").exists():
+            log.warning("skipping rm@%s: %s is missing: run `dvc repro reward@%s` first", p, adapter, p)
+            continue
+        found[p] = modeling.require_adapter(adapter, f"reward@{p}")
+    return found
 
 
 @dataclass(frozen=True)
@@ -385,11 +411,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             try:
                 require_policy(root, name)
                 available.append(name)
-            except ArtifactError as exc:
+            except MissingPolicy as exc:
                 log.warning("skipping %s", exc)
         names = available
     else:
         require_policy(root, names[0])
+    adapters = reward_adapters(root, params) if args.compare else {}
 
     quiet_libraries()
     from edgerlhf import modeling, ppo
@@ -403,11 +430,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     gold = None
     if args.compare:
         pad = policies.tokenizer.pad_token_id
-        for p in params.reward.precisions:
-            adapter = root / paths.reward_dir(p)
-            if not (adapter / "adapter_config.json").exists():
-                log.warning("skipping rm@%s: %s is missing: run `dvc repro reward@%s` first", p, adapter, p)
-                continue
+        for p, adapter in adapters.items():
             rm = precisions.load_reward_model(root / paths.SFT_MERGED, adapter, p, device,
                                             params.model.trust_remote_code)
             scorers[f"rm@{p}"] = ppo.reward_model_score_fn(rm, pad, batch_size)

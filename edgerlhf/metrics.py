@@ -9,9 +9,24 @@ import numpy as np
 
 
 def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> float:
-    """Fraction of pairs whose chosen response scores strictly higher than the rejected one."""
+    """Fraction of pairs whose chosen response scores strictly higher than the rejected one (a tie is wrong)."""
     c, r = np.asarray(chosen, float), np.asarray(rejected, float)
     return float(np.mean(c > r))
+
+
+def tie_fraction(chosen: Sequence[float], rejected: Sequence[float]) -> float:
+    """Fraction of pairs whose two scores are exactly equal (the reward model expresses no preference)."""
+    c, r = np.asarray(chosen, float), np.asarray(rejected, float)
+    return float(np.mean(c == r))
+
+
+def decided_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> float | None:
+    """Accuracy over the decided pairs only (scores differ); None when every pair is a tie."""
+    c, r = np.asarray(chosen, float), np.asarray(rejected, float)
+    decided = c != r
+    if not decided.any():
+        return None
+    return float(np.mean(c[decided] > r[decided]))
 
 
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
@@ -55,14 +70,21 @@ def preference_ece(chosen: Sequence[float], rejected: Sequence[float], n_bins: i
 
 
 def reward_metrics(chosen: Sequence[float], rejected: Sequence[float], n_bins: int = 10) -> dict[str, float]:
-    """accuracy, auc, ece and mean_margin of a reward model on preference pairs."""
+    """A reward model on preference pairs: accuracy (strict: a tie counts as wrong), tie_fraction,
+    accuracy_decided (over the pairs with different scores; left out when every pair ties), auc, ece and
+    mean_margin. accuracy = accuracy_decided * (1 - tie_fraction)."""
     c, r = np.asarray(chosen, float), np.asarray(rejected, float)
-    return {
+    out = {
         "accuracy": round(pairwise_accuracy(c, r), 6),
+        "tie_fraction": round(tie_fraction(c, r), 6),
         "auc": round(auc(c, r), 6),
         "ece": round(preference_ece(c, r, n_bins), 6),
         "mean_margin": round(float(np.mean(c - r)), 6),
     }
+    decided = decided_accuracy(c, r)
+    if decided is not None:
+        out["accuracy_decided"] = round(decided, 6)
+    return out
 
 
 def rankdata(x: Sequence[float]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Models: the device/dtype rule, the base model (hub snapshot or tiny offline build), loading at a precision.
+"""Models: the device/dtype rule, the base model (hub snapshot, local folder or tiny offline build), loading.
 
 Every stage after `base` loads only local folders written by earlier stages,
 with safetensors and `trust_remote_code` only when params say so.
@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from edgerlhf.config import HardwareParams, ModelParams, TinyModelParams
-from edgerlhf.errors import ArtifactError, HardwareError, HubError
+from edgerlhf.config import LOCAL_MODEL_DIR, HardwareParams, ModelParams, TinyModelParams
+from edgerlhf.errors import ArtifactError, ConfigError, HardwareError, HubError
 
 log = logging.getLogger("edgerlhf")
 
@@ -120,8 +120,31 @@ def lora_targets(model: torch.nn.Module, configured: list[str]) -> list[str]:
         return list(configured)
     arch = model.config.model_type
     if arch not in LORA_TARGETS:
-        raise HardwareError(f"no default LoRA targets for model type {arch!r}; set lora.target_modules in params.yaml")
+        raise HardwareError(f"no default LoRA targets for model type {arch!r}; set lora.target_modules in params.yaml "
+                            f"(its linear layers: {', '.join(linear_layer_names(model)) or 'none found'})")
     return LORA_TARGETS[arch]
+
+
+def linear_layer_names(model: torch.nn.Module) -> list[str]:
+    """The distinct names (last component) of the model's linear layers a LoRA can target, output heads left out."""
+    from transformers.pytorch_utils import Conv1D
+
+    heads = {"lm_head", "score", "embed_out", "output"}
+    return sorted({n.split(".")[-1] for n, m in model.named_modules()
+                   if isinstance(m, (torch.nn.Linear, Conv1D)) and n and n.split(".")[-1] not in heads})
+
+
+def check_lora_targets(model: torch.nn.Module, configured: Sequence[str], where: str) -> list[str]:
+    """At `base`, before any training: the LoRA targets the training stages will use (`lora_targets`) exist in
+    `model`, so an architecture without defaults or a misspelt target fails here, not in SFT. peft matches a
+    target by the last components of a module's name."""
+    targets = lora_targets(model, list(configured))
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ConfigError(f"lora.target_modules names {', '.join(missing)}, which {where} does not have; set it to "
+                          f"some of its linear layers: {', '.join(linear_layer_names(model)) or 'none found'}")
+    return targets
 
 
 def lora_config(model: torch.nn.Module, task_type: str, r: int, alpha: int, dropout: float,
@@ -205,10 +228,14 @@ def build_tiny_model(tiny: TinyModelParams, tokenizer, seed: int) -> torch.nn.Mo
     return AutoModelForCausalLM.from_config(config)
 
 
-def snapshot_hub_model(model: ModelParams, out_dir: Path) -> None:
-    """Download `model.name` at `model.revision` (safetensors only) and save model + tokenizer to `out_dir`."""
+def snapshot_hub_model(model: ModelParams, out_dir: Path, lora_target_modules: Sequence[str] = ()) -> None:
+    """Download `model.name` at `model.revision` (safetensors only), check its tokenizer (`check_tokenizer`) and
+    LoRA targets (`check_lora_targets`), and save model + tokenizer to `out_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if Path(model.name).is_dir():  # transformers would load the folder and the log would say "from the hub"
+        raise ConfigError(f"model.name {model.name} is a local folder: set model.source: local and model.local_path: "
+                          f"{model.name} (then DVC tracks the folder as a dependency of base)")
     try:
         tok = AutoTokenizer.from_pretrained(model.name, revision=model.revision,
                                             trust_remote_code=model.trust_remote_code)
@@ -218,12 +245,115 @@ def snapshot_hub_model(model: ModelParams, out_dir: Path) -> None:
         raise HubError(
             f"cannot load {model.name}@{model.revision} from the hub ({str(exc).splitlines()[0][:160]}); "
             "offline: pre-download it into HF_HOME and set HF_HUB_OFFLINE=1, or set model.source: tiny") from exc
+    where = f"the hub model {model.name}@{model.revision}"
+    check_tokenizer(tok, where, "pick a model with a working tokenizer, or save one into a local folder "
+                                "(model.source: local)")
+    check_lora_targets(lm, lora_target_modules, where)
+    save_base(tok, lm, out_dir)
+
+
+def save_base(tok, lm: torch.nn.Module, out_dir: Path) -> None:
+    """models/base as every later stage reads it: safetensors weights, config (pad token set), tokenizer."""
     if tok.pad_token is None:
         # GPT-2 family has no pad token: reuse EOS (masks are derived from positions, never from ids != pad).
         tok.pad_token = tok.eos_token
     lm.config.pad_token_id = tok.pad_token_id
     lm.save_pretrained(out_dir, safe_serialization=True)
     tok.save_pretrained(out_dir)
+
+
+# An HH-style prompt every usable tokenizer turns into tokens (an empty or unfit vocabulary gives none).
+SAMPLE_PROMPT = "\n\nHuman: What color is the sky?\n\nAssistant:"
+# A folder holds a tokenizer when it has tokenizer.json or a vocabulary file next to tokenizer_config.json
+# (vocab.json + merges.txt, vocab.txt, a sentencepiece *.model, a tiktoken file).
+TOKENIZER_FILE_PATTERNS = ("tokenizer.json", "vocab.json", "vocab.txt", "*.model", "*.tiktoken")
+
+
+def check_tokenizer(tok, where: str, fix: str) -> None:
+    """A tokenizer that encodes SAMPLE_PROMPT to at least one known token and has an EOS token; else one
+    ArtifactError line naming `where` and `fix`. Without this an empty tokenizer trains on nothing, silently."""
+    ids = tok(SAMPLE_PROMPT, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ArtifactError(f"the tokenizer of {where} encodes the sample prompt {SAMPLE_PROMPT!r} to nothing "
+                            f"(an empty or unfit vocabulary: {len(tok)} entries); {fix}")
+    if tok.unk_token_id is not None and all(i == tok.unk_token_id for i in ids):
+        raise ArtifactError(f"the tokenizer of {where} encodes the sample prompt {SAMPLE_PROMPT!r} to unknown "
+                            f"tokens only; {fix}")
+    if tok.eos_token is None:
+        raise ArtifactError(f"the tokenizer of {where} has no eos_token (needed to end responses and to pad); set "
+                            "eos_token in its tokenizer_config.json")
+
+
+def _load_error(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+
+
+def load_local_model(model: ModelParams, lora_target_modules: Sequence[str] = ()) -> tuple[Any, torch.nn.Module]:
+    """The tokenizer and causal LM of the folder `model.local_path` (model.source: local), checked before
+    anything is written: a folder with config.json, `*.safetensors` weights (pickle-only weights: how to convert),
+    tokenizer files and a tokenizer that encodes SAMPLE_PROMPT (`check_tokenizer`), weights that fill the
+    architecture, and LoRA targets the architecture has (`check_lora_targets`). Each failure is one
+    ArtifactError/ConfigError line naming the fix. Custom model code runs only with model.trust_remote_code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model.local_path)
+    key = f"model.local_path ({model.local_path})"
+    if not path.exists():
+        raise ArtifactError(f"{key} does not exist: put (or symlink) your model folder there, or point "
+                            "model.local_path at it")
+    if not path.is_dir():
+        raise ArtifactError(f"{key} is a file, not a model folder: point model.local_path at the folder holding "
+                            "config.json, the *.safetensors weights and the tokenizer files")
+    if not (path / "config.json").is_file():
+        inner = sorted(p.parent for p in path.glob("*/config.json"))
+        if len(inner) == 1:
+            hint = f"did you mean model.local_path: {inner[0]}?"
+        elif path == Path(LOCAL_MODEL_DIR):
+            hint = (f"put your model folder in {LOCAL_MODEL_DIR}/<name> (or symlink it there) and set "
+                    f"model.local_path: {LOCAL_MODEL_DIR}/<name>")
+        else:
+            hint = ("point model.local_path at the folder holding config.json, the *.safetensors weights and the "
+                    "tokenizer files (what save_pretrained writes)")
+        raise ArtifactError(f"{key} has no config.json, so it is not a model folder; {hint}")
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        if pickles:
+            raise ArtifactError(
+                f"{key} has its weights only as pickle ({', '.join(pickles[:3])}), which is never loaded here; "
+                "convert them once to safetensors (this unpickles: only a file you trust) with "
+                f"`python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained('{path}')"
+                f".save_pretrained('{path}', safe_serialization=True)\"`, then delete the pickle files")
+        raise ArtifactError(f"{key} has no *.safetensors weights: save the model into it with "
+                            "save_pretrained(folder, safe_serialization=True)")
+    if not any(any(path.glob(pattern)) for pattern in TOKENIZER_FILE_PATTERNS):
+        raise ArtifactError(
+            f"{key} has no tokenizer files (tokenizer.json, or tokenizer_config.json with its vocabulary such as "
+            "vocab.json + merges.txt or tokenizer.model); save the model's tokenizer into it with "
+            f"`python -c \"from transformers import AutoTokenizer; AutoTokenizer.from_pretrained('<its hub id>')"
+            f".save_pretrained('{path}')\"`")
+    trust = model.trust_remote_code
+    trust_hint = "" if trust else " (a model with its own code needs model.trust_remote_code: true, after reading it)"
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"cannot load the tokenizer of {key}: {_load_error(exc)}{trust_hint}") from None
+    check_tokenizer(tok, key, "save the model's own tokenizer into the folder (tokenizer.save_pretrained)")
+    try:
+        lm, info = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True, trust_remote_code=trust,
+                                                        dtype=torch.float32, output_loading_info=True)
+    except RuntimeError as exc:  # transformers: tensor shapes that differ from what config.json says
+        if "mismatched" not in str(exc):
+            raise
+        raise ArtifactError(f"the weights in {key} do not fit its config.json (tensor shapes differ): save config and "
+                            "weights together with save_pretrained") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"cannot load {key} as a causal language model: {_load_error(exc)}{trust_hint}") from None
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        raise ArtifactError(f"the weights in {key} do not fit its config.json: {len(missing)} of its tensors missing "
+                            f"(e.g. {sorted(missing)[0]}); save the whole model with save_pretrained")
+    check_lora_targets(lm, lora_target_modules, f"model type {lm.config.model_type!r} of {key}")
+    return tok, lm
 
 
 # --------------------------------------------------------------------------- loading
@@ -238,13 +368,44 @@ def require_dir(path: str | Path, stage: str, marker: str = "") -> Path:
     return path
 
 
-def require_safetensors(path: str | Path, stage: str) -> None:
-    """Refuse folders whose weights are pickles (.bin/.pt): loading those can run arbitrary code."""
-    path = Path(path)
-    if not list(path.glob("*.safetensors")):
-        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        what = f"only pickled weights ({', '.join(pickles)})" if pickles else "no .safetensors weights"
-        raise ArtifactError(f"{path} has {what}; refusing to unpickle. Rerun `dvc repro -f {stage}`")
+# Pickle formats torch / transformers / peft can load: unpickling runs whatever code the file names.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+VALUE_HEAD_WEIGHTS = "value_head.safetensors"  # = ppo.VALUE_HEAD_FILE (tests/test_failures.py checks they agree)
+
+
+def require_safetensors(path: str | Path, stage: str, weights: Sequence[str] = ("*.safetensors",),
+                        marker: str = "") -> Path:
+    """An upstream artifact folder that may be loaded: present (with `marker`, e.g. config.json), holding its
+    safetensors `weights` (file names or glob patterns) and no pickle file (PICKLE_SUFFIXES) anywhere in it.
+    Otherwise one ArtifactError line naming the file and the stage to rerun; called before any work is done."""
+    path = require_dir(path, stage, marker)
+    pickles = sorted(p for p in path.rglob("*") if p.suffix.lower() in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        more = f" (and {len(pickles) - 1} more)" if len(pickles) > 1 else ""
+        raise ArtifactError(f"{pickles[0]}{more} is a pickle file ({pickles[0].suffix}): refusing to load it, "
+                            f"unpickling can run arbitrary code; delete it and rerun `dvc repro -f {stage}` "
+                            "(weights must be .safetensors)")
+    for pattern in weights:
+        if not any(f.is_file() for f in path.glob(pattern)):
+            raise ArtifactError(f"{path} has no {pattern} weights: rerun `dvc repro -f {stage}`")
+    return path
+
+
+def require_model(path: str | Path, stage: str) -> Path:
+    """A full model folder (models/base, models/sft/merged): config.json + *.safetensors, no pickle."""
+    return require_safetensors(path, stage, ("*.safetensors",), "config.json")
+
+
+def require_adapter(path: str | Path, stage: str, *extra_weights: str) -> Path:
+    """A LoRA adapter folder (models/sft/adapter, models/reward/P; models/ppo/P with its value head):
+    adapter_config.json + adapter_model.safetensors (+ `extra_weights`), no pickle."""
+    return require_safetensors(path, stage, (ADAPTER_WEIGHTS, *extra_weights), "adapter_config.json")
+
+
+def require_policy(path: str | Path, stage: str) -> Path:
+    """A saved PPO policy (models/ppo/P): the LoRA adapter and the value head, as safetensors, no pickle."""
+    return require_adapter(path, stage, VALUE_HEAD_WEIGHTS)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):

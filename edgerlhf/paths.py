@@ -38,6 +38,7 @@ def ppo_metrics(precision: str) -> Path:
     return METRICS / "ppo" / f"{precision}.json"
 
 
+LENGTHS_METRICS = METRICS / "lengths.json"  # the check stage: token statistics of the splits
 EVAL_METRICS = METRICS / "eval.json"
 SAMPLES = REPORTS / "samples.jsonl"
 SUMMARY = REPORTS / "summary.md"

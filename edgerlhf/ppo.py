@@ -433,6 +433,7 @@ def load_policy(base_model: nn.Module, path: str | Path, *, trainable: bool = Fa
     from safetensors.torch import load_file
 
     path = Path(path)
+    modeling.require_policy(path, f"ppo@{path.name}")  # safetensors only: one line, before peft unpickles anything
     if not (path / "adapter_config.json").exists() or not (path / VALUE_HEAD_FILE).exists():
         raise ArtifactError(f"{path} holds no saved PPO policy (adapter_config.json + {VALUE_HEAD_FILE}): "
                             "run the ppo stage first")

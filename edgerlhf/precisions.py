@@ -91,10 +91,9 @@ def load_reward_model(base_path: str | Path, adapter_path: str | Path, precision
     """A trained reward model: merged SFT base at `precision` + its LoRA/score adapter, eval mode, frozen."""
     from peft import PeftModel
 
-    from edgerlhf.modeling import require_dir, require_safetensors
+    from edgerlhf.modeling import require_adapter
 
-    require_dir(adapter_path, f"reward@{precision}", "adapter_config.json")
-    require_safetensors(adapter_path, f"reward@{precision}")
+    require_adapter(adapter_path, f"reward@{precision}")  # the stages check it up front too: no pickle, ever
     model = load_reward_base(base_path, precision, device, trust_remote_code)
     model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
     model.eval()

@@ -131,7 +131,10 @@ class RunMetrics:
 def _read(path: Path, stage: str) -> dict:
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: run `dvc repro {stage}` first")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}): rerun `dvc repro {stage}`") from None
 
 
 def read_curve(path: Path) -> list[dict[str, float]]:
@@ -188,11 +191,43 @@ def reward_table(run: RunMetrics) -> str:
     rows = []
     for p in run.precisions:
         m = run.reward[p]
-        rows.append([p, fmt(m.get("accuracy")), fmt(m.get("auc")), fmt(m.get("ece")), fmt(m.get("mean_margin")),
+        rows.append([p, fmt(m.get("accuracy")), fmt(m.get("accuracy_decided")), fmt(m.get("tie_fraction")),
+                     fmt(m.get("auc")), fmt(m.get("ece")), fmt(m.get("mean_margin")),
                      fmt(m.get("model_memory_mb")), fmt(m.get("adapter_size_mb")), fmt(m.get("wall_time_s")),
                      fmt(m.get("peak_vram_gb"))])
-    return _table(rows, ["RM precision", "accuracy", "AUC", "ECE", "mean margin", "memory (MiB)", "adapter (MiB)",
-                         "train time (s)", "peak VRAM (GB)"])
+    return _table(rows, ["RM precision", "accuracy (ties wrong)", "accuracy (decided pairs)", "ties", "AUC", "ECE",
+                         "mean margin", "memory (MiB)", "adapter (MiB)", "train time (s)", "peak VRAM (GB)"])
+
+
+def length_notes(run: RunMetrics) -> tuple[list[str], list[str]]:
+    """What the length budget did, from the metrics, only where non-zero: (data problems for the verdict: rm_test
+    pairs identical after truncation; notes for the reward-model section: rm_test ties, training pairs and SFT
+    examples cut or dropped to fit reward.max_length / sft.max_length)."""
+    problems, notes = [], []
+    for p in run.precisions:
+        m = run.reward[p]
+        if m.get("identical_after_truncation"):
+            problems.append(f"**Data problem at {p}:** {fmt(m['identical_after_truncation'])} of "
+                         f"{fmt(m.get('test_pairs'))} rm_test pairs are the same tokens for chosen and rejected "
+                         "after truncation to reward.max_length: they can only tie (raise reward.max_length).")
+        if m.get("tie_fraction"):
+            notes.append(f"{p}: a share of {fmt(m['tie_fraction'])} of rm_test pairs tie (equal scores); strict "
+                         f"accuracy {fmt(m.get('accuracy'))} counts them as wrong, accuracy over decided pairs is "
+                         f"{fmt(m.get('accuracy_decided'))}.")
+        if m.get("train_dropped_too_long") or m.get("train_identical_after_truncation"):
+            notes.append(f"{p}: of the rm_train pairs, {fmt(m.get('train_dropped_too_long'))} were dropped (a "
+                         f"response alone is longer than reward.max_length) and "
+                         f"{fmt(m.get('train_identical_after_truncation'))} as identical after truncation.")
+        if m.get("train_truncated") or m.get("test_truncated"):
+            notes.append(f"{p}: the prompt was cut from the left (the responses kept whole) in "
+                         f"{fmt(m.get('train_truncated'))} rm_train and {fmt(m.get('test_truncated'))} rm_test pairs "
+                         "to fit reward.max_length.")
+    s = run.sft
+    if s.get("train_truncated") or s.get("train_dropped_too_long") or s.get("eval_dropped_too_long"):
+        notes.append(f"SFT: the prompt was cut from the left in {fmt(s.get('train_truncated'))} training examples; "
+                     f"{fmt(s.get('train_dropped_too_long'))} training and {fmt(s.get('eval_dropped_too_long'))} "
+                     "eval examples were dropped (the response alone is longer than sft.max_length).")
+    return problems, notes
 
 
 def ppo_table(run: RunMetrics) -> str:
@@ -461,7 +496,8 @@ def build_summary(run: RunMetrics) -> str:
              "Every number below is read from `metrics/*.json`; see `reports/samples.jsonl` for every response "
              "and score.", "",
              "## Verdict", ""]
-    parts += [f"- {line}" for line in verdict(run)]
+    problems, notes = length_notes(run)
+    parts += [f"- {line}" for line in problems + verdict(run)]
     parts += ["", f"![gold and proxy reward vs KL]({paths.CHART_GOLD_VS_KL.name})",
               f"![evaluation comparison]({paths.CHART_EVAL.name})", "",
               "## Evaluation on held-out eval_prompts", "",
@@ -473,8 +509,9 @@ def build_summary(run: RunMetrics) -> str:
               agreement_table(run), "",
               "## Data", "", data_table(run), "",
               "## SFT", "", sft_table(run), "",
-              "## Reward models (rm_test)", "", reward_table(run), "",
-              "## PPO runs", "",
+              "## Reward models (rm_test)", "", reward_table(run), ""]
+    parts += [f"- {line}" for line in notes] + ([""] if notes else [])
+    parts += ["## PPO runs", "",
               "Batch proxy reward = mean raw RM score of the training batch; periodic eval = the PPO stage's fixed "
               "prompt subset scored by the proxy RM and the gold judge.", "",
               ppo_table(run), ""]

@@ -1,7 +1,7 @@
 """Resumable long stages (sft, reward@P, ppo@P): where their checkpoints live, whose they are, when they go.
 
 A stage checkpoints into its work folder `.cache/work/<stage>` (paths.WORK), which is no DVC output: neither
-`dvc repro` (it deletes a stage's outs before running it) nor the stage's own `remove_outputs` touch it. After an
+`dvc repro` (it deletes a stage's outs before running it) nor the stage's output replacement touch it. After an
 interruption (`kill -9`, a crash, a power cut) the rerun continues from the last checkpoint, and because the
 checkpoint holds the optimizer, the schedule, the data position and every RNG state, the final metrics equal
 those of an uninterrupted run (exactly on CPU).

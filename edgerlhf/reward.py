@@ -9,48 +9,62 @@ from pathlib import Path
 import torch
 
 from edgerlhf import metrics as M
-from edgerlhf import modeling, precisions, resume
+from edgerlhf import modeling, precisions, resume, truncation
 from edgerlhf.config import Params
+from edgerlhf.errors import DataError
 from edgerlhf.modeling import Device
 
 log = logging.getLogger("edgerlhf")
 
 
-def sequence_texts(prompts: list[str], responses: list[str], eos: str) -> list[str]:
-    """The exact text a reward model scores: prompt + response + EOS (as RewardTrainer builds it)."""
-    return [p + r + ("" if r.endswith(eos) else eos) for p, r in zip(prompts, responses)]
+def fit_pairs(tokenizer, records: list[dict], max_length: int) -> tuple[list[truncation.Fit | None],
+                                                                         truncation.FitCounts]:
+    """Both sides of each preference pair as the token ids a reward model trains on and is scored on: prompt +
+    response + EOS, the prompt cut from the left (the same tail for chosen and rejected) to fit `max_length`, the
+    responses whole (`edgerlhf.truncation`); None where a response alone is longer than `max_length`."""
+    return truncation.fit_all(truncation.encode_records(tokenizer, records, ("chosen", "rejected")), max_length)
+
+
+def require_scorable(fits: list[truncation.Fit | None], split: str, max_length: int) -> list[truncation.Fit]:
+    """Every pair of an evaluation split must be scored (the same pairs at every precision): one that cannot fit
+    `reward.max_length` is a DataError naming it, raised before any training."""
+    missing = [i for i, f in enumerate(fits) if f is None]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(fits)} {split} pairs (first: record {missing[0]}) have a response "
+                        f"longer than reward.max_length={max_length} tokens on its own, so no left-truncation of the "
+                        "prompt can keep it: raise reward.max_length (dvc repro check names the length needed)")
+    return [f for f in fits if f is not None]
 
 
 @torch.no_grad()
-def score_texts(model: torch.nn.Module, tokenizer, texts: list[str], batch_size: int, max_length: int,
-                device: Device) -> list[float]:
-    """Reward-model scores of full texts, right-padded in batches; the model reads its last non-pad token."""
+def score_sequences(model: torch.nn.Module, tokenizer, sequences: list[list[int]], batch_size: int,
+                    device: Device) -> list[float]:
+    """Reward-model scores of token sequences, right-padded in batches; the model reads its last non-pad token."""
     tokenizer.padding_side = "right"
     scores: list[float] = []
     model.eval()
-    for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length).to(device.torch_device)
-        out = model(**enc).logits.squeeze(-1).float()
+    for i in range(0, len(sequences), batch_size):
+        enc = tokenizer.pad({"input_ids": sequences[i:i + batch_size]}, padding=True, return_tensors="pt")
+        out = model(input_ids=enc["input_ids"].to(device.torch_device),
+                    attention_mask=enc["attention_mask"].to(device.torch_device)).logits.squeeze(-1).float()
         scores.extend(out.cpu().tolist())
     return scores
 
 
-def score_pairs(model: torch.nn.Module, tokenizer, records: list[dict], batch_size: int, max_length: int,
-                device: Device) -> tuple[list[float], list[float]]:
-    """(chosen scores, rejected scores) of preference records."""
-    prompts = [r["prompt"] for r in records]
-    chosen = score_texts(model, tokenizer, sequence_texts(prompts, [r["chosen"] for r in records],
-                                                          tokenizer.eos_token), batch_size, max_length, device)
-    rejected = score_texts(model, tokenizer, sequence_texts(prompts, [r["rejected"] for r in records],
-                                                            tokenizer.eos_token), batch_size, max_length, device)
+def score_fits(model: torch.nn.Module, tokenizer, fits: list[truncation.Fit], batch_size: int,
+               device: Device) -> tuple[list[float], list[float]]:
+    """(chosen scores, rejected scores) of fitted pairs (`fit_pairs`)."""
+    chosen = score_sequences(model, tokenizer, [f.ids[0] for f in fits], batch_size, device)
+    rejected = score_sequences(model, tokenizer, [f.ids[1] for f in fits], batch_size, device)
     return chosen, rejected
 
 
-def fits(tokenizer, record: dict, max_length: int) -> bool:
-    """Whether both sides of a pair fit in `max_length` tokens (RewardTrainer would drop the pair otherwise)."""
-    texts = sequence_texts([record["prompt"]] * 2, [record["chosen"], record["rejected"]], tokenizer.eos_token)
-    return all(len(ids) <= max_length for ids in tokenizer(texts)["input_ids"])
+def score_pairs(model: torch.nn.Module, tokenizer, records: list[dict], batch_size: int, max_length: int,
+                device: Device) -> tuple[list[float], list[float]]:
+    """(chosen scores, rejected scores) of preference records, on exactly the tokens the reward model trained on
+    (`fit_pairs`); a pair that cannot fit `max_length` is a DataError."""
+    fits, _ = fit_pairs(tokenizer, records, max_length)
+    return score_fits(model, tokenizer, require_scorable(fits, "scored", max_length), batch_size, device)
 
 
 def adapter_size_mb(adapter_dir: Path) -> float:
@@ -72,18 +86,31 @@ def train_reward(params: Params, sft_dir: Path, precision: str, train_records: l
     rp = params.reward
     trust = params.model.trust_remote_code
     tokenizer = modeling.load_tokenizer(sft_dir, trust)
+    # Token ids first (cheap): the same fitting for training and scoring; an rm_test pair that cannot be scored
+    # fails here, before any training.
+    train_fits, train_counts = fit_pairs(tokenizer, train_records, rp.max_length)
+    test_fits, test_counts = fit_pairs(tokenizer, test_records, rp.max_length)
+    test_fitted = require_scorable(test_fits, "rm_test", rp.max_length)
+    # A pair whose two sequences are the same tokens carries no preference (its loss has no gradient): left out.
+    kept = [{"chosen_ids": f.ids[0], "rejected_ids": f.ids[1]} for f in train_fits if f is not None and not f.identical]
+    if not kept:
+        raise DataError(f"no rm_train pair fits reward.max_length={rp.max_length} tokens with two different "
+                        "responses: raise reward.max_length (dvc repro check names the length needed)")
+    if train_counts.truncated or train_counts.dropped_too_long or train_counts.identical:
+        log.warning("reward@%s: of %d training pairs, %d had the prompt cut from the left to fit reward.max_length=%d, "
+                    "%d were dropped (a response alone is longer), %d were dropped as identical after truncation",
+                    precision, train_counts.records, train_counts.truncated, rp.max_length,
+                    train_counts.dropped_too_long, train_counts.identical)
+    if test_counts.identical:
+        log.warning("reward@%s: %d of %d rm_test pairs are identical token sequences after truncation to "
+                    "reward.max_length=%d (a data problem: they can only tie)", precision, test_counts.identical,
+                    test_counts.records, rp.max_length)
     model = precisions.load_reward_base(sft_dir, precision, device, trust)
     quantized = precisions.is_quantized(model, precision)
     if precision != "bf16" and not quantized:
         raise RuntimeError(f"reward@{precision}: the loaded model has no bitsandbytes {precision} layers")
     memory_mb = modeling.model_memory_mb(model)
     log.info("reward@%s: %s, quantized=%s, footprint %.1f MiB", precision, device.describe(), quantized, memory_mb)
-
-    kept = [r for r in train_records if fits(tokenizer, r, rp.max_length)]
-    too_long = len(train_records) - len(kept)
-    if too_long:
-        log.info("reward@%s: dropped %d of %d training pairs longer than reward.max_length=%d tokens",
-                 precision, too_long, len(train_records), rp.max_length)
     targets = modeling.lora_targets(model, params.lora.target_modules)
     lora = modeling.lora_config(model, "SEQ_CLS", params.lora.r, params.lora.alpha, params.lora.dropout, targets,
                                 modules_to_save=["score"])
@@ -109,7 +136,7 @@ def train_reward(params: Params, sft_dir: Path, precision: str, train_records: l
         log.info("reward@%s: resuming from %s", precision, checkpoint)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
-    chosen, rejected = score_pairs(trainer.model, tokenizer, test_records, rp.eval_batch_size, rp.max_length, device)
+    chosen, rejected = score_fits(trainer.model, tokenizer, test_fitted, rp.eval_batch_size, device)
     trainer.model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     metrics = {
@@ -119,8 +146,12 @@ def train_reward(params: Params, sft_dir: Path, precision: str, train_records: l
         "adapter_size_mb": adapter_size_mb(out_dir),
         "trainable_params": trainable,
         "train_pairs": len(kept),
-        "train_pairs_too_long": too_long,
+        "train_truncated": train_counts.truncated,
+        "train_dropped_too_long": train_counts.dropped_too_long,
+        "train_identical_after_truncation": train_counts.identical,
         "test_pairs": len(test_records),
+        "test_truncated": test_counts.truncated,
+        "identical_after_truncation": test_counts.identical,
     }
     steps = [{"step": e["step"], "loss": e["loss"], "accuracy": e.get("accuracy", 0.0)}
              for e in trainer.state.log_history if "loss" in e]

@@ -95,7 +95,8 @@ def explain(stage: str, exc: BaseException) -> EdgeRLHFError | None:
 def run_stage(stage: str, main: Callable[[], None]) -> None:
     """Run a stage's main: an EdgeRLHFError (or a known failure `explain` maps to one) becomes one line on
     stderr and a non-zero exit code, traceback only with EDGERLHF_DEBUG=1; anything else fails loudly with its
-    traceback. Outputs are written last or atomically, so a failed stage leaves none that look complete."""
+    traceback. Stages check their inputs first and write their outputs atomically (temporary sibling +
+    rename), so a failed stage leaves the previous outputs as they were and none that look complete."""
     setup_logging(stage)
     try:
         main()
@@ -137,15 +138,6 @@ def write_json(path: str | Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
-
-
-def remove_outputs(*paths: str | Path) -> None:
-    """Remove stale outputs before a stage starts, so a failure cannot leave the previous run's files behind."""
-    for p in map(Path, paths):
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
 
 
 # Metrics that measure speed: they differ between otherwise identical runs (determinism and resume checks skip them).

@@ -8,16 +8,27 @@ from pathlib import Path
 
 import torch
 
-from edgerlhf import modeling, resume
+from edgerlhf import modeling, resume, truncation
 from edgerlhf.config import Params
+from edgerlhf.errors import DataError
 from edgerlhf.modeling import Device
 
 log = logging.getLogger("edgerlhf")
 
 
-def to_prompt_completion(records: list[dict]) -> list[dict]:
-    """SFT examples: the dialogue up to the Assistant marker is the prompt, the chosen response the completion."""
-    return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in records]
+def sft_examples(tokenizer, records: list[dict], max_length: int) -> tuple[list[dict], truncation.FitCounts]:
+    """SFT examples as token ids: the dialogue up to the Assistant marker is the prompt, the chosen response (+ EOS)
+    the completion, fitted to `max_length` by `truncation` (the prompt cut from the left, the completion whole;
+    an example whose completion alone is too long is dropped and counted). `completion_mask` marks the tokens
+    the loss is computed on; TRL's SFTTrainer takes such rows as they are (no tokenization, no truncation)."""
+    fits, counts = truncation.fit_all(truncation.encode_records(tokenizer, records, ("chosen",)), max_length)
+    rows = []
+    for f in fits:
+        if f is not None:
+            ids = f.ids[0]
+            mask = [0] * f.prompt_tokens + [1] * (len(ids) - f.prompt_tokens)
+            rows.append({"input_ids": ids, "completion_mask": mask})
+    return rows, counts
 
 
 def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_records: list[dict],
@@ -33,6 +44,18 @@ def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_re
 
     sp = params.sft
     tokenizer = modeling.load_tokenizer(base_dir, params.model.trust_remote_code)
+    # Token ids first (cheap): an example set that cannot fit fails before the model is loaded.
+    train_rows, train_counts = sft_examples(tokenizer, train_records, sp.max_length)
+    eval_rows, eval_counts = sft_examples(tokenizer, eval_records, sp.max_length)
+    for name, counts in (("train", train_counts), ("eval", eval_counts)):
+        if counts.truncated or counts.dropped_too_long:
+            log.warning("SFT %s: %d of %d examples longer than sft.max_length=%d: %d with the prompt cut from the "
+                        "left, %d dropped (the response alone is longer)", name,
+                        counts.truncated + counts.dropped_too_long, counts.records, sp.max_length, counts.truncated,
+                        counts.dropped_too_long)
+    if not train_rows or not eval_rows:
+        raise DataError(f"no SFT example fits sft.max_length={sp.max_length} tokens (every response alone is "
+                        "longer): raise sft.max_length (the check stage names the length needed)")
     model = modeling.load_causal_lm(base_dir, device, trust_remote_code=params.model.trust_remote_code)
     targets = modeling.lora_targets(model, params.lora.target_modules)
     lora = modeling.lora_config(model, "CAUSAL_LM", params.lora.r, params.lora.alpha, params.lora.dropout, targets)
@@ -49,12 +72,11 @@ def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_re
         dataloader_num_workers=0, dataset_num_proc=None, **resume.trainer_save_args(sp.checkpoint_every),
         **modeling.trainer_precision_kwargs(device))
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora,
-                         train_dataset=Dataset.from_list(to_prompt_completion(train_records)),
-                         eval_dataset=Dataset.from_list(to_prompt_completion(eval_records)),
+                         train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows),
                          callbacks=resume.trainer_callbacks())
     trainable, total = modeling.count_params(trainer.model)
     log.info("SFT: %d train / %d eval examples, LoRA r=%d on %s, %d of %d params trainable",
-             len(train_records), len(eval_records), params.lora.r, ",".join(targets), trainable, total)
+             len(train_rows), len(eval_rows), params.lora.r, ",".join(targets), trainable, total)
 
     checkpoint = resume.last_trainer_checkpoint(work_dir) if sp.checkpoint_every else None
     if checkpoint is not None:
@@ -83,7 +105,12 @@ def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_re
         "base_eval_loss": round(float(base_eval), 6),
         "trainable_params": trainable,
         "total_params": total,
-        "train_examples": len(train_records),
+        "train_examples": len(train_rows),
+        "train_truncated": train_counts.truncated,
+        "train_dropped_too_long": train_counts.dropped_too_long,
+        "eval_examples": len(eval_rows),
+        "eval_truncated": eval_counts.truncated,
+        "eval_dropped_too_long": eval_counts.dropped_too_long,
         "optimizer_steps": int(trainer.state.global_step),
     }
     return metrics, steps

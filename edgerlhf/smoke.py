@@ -17,10 +17,13 @@ from pathlib import Path
 
 import yaml
 
-from edgerlhf.config import deep_merge, parse_params
+from edgerlhf.config import LOCAL_DATA_DIR, LOCAL_MODEL_DIR, deep_merge, parse_params
 
 # What the pipeline needs in the scratch copy (deps of dvc.yaml are hashed there).
 PIPELINE_FILES = ("dvc.yaml", "stages", "edgerlhf")
+# The default input folders (data.jsonl_path, model.local_path): deps of prepare/base whatever the source, so they
+# must exist in the copy. Only their README travels, never a user's data or model put next to it.
+INPUT_DIRS = (LOCAL_DATA_DIR, LOCAL_MODEL_DIR)
 
 
 def _dvc() -> str:
@@ -40,6 +43,11 @@ def prepare_workspace(root: Path, dest: Path, override: Path) -> Path:
             shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dst)
+    for name in INPUT_DIRS:
+        (dest / name).mkdir(parents=True, exist_ok=True)
+        readme = root / name / "README.md"
+        if readme.is_file():
+            shutil.copy2(readme, dest / name / "README.md")
     base = yaml.safe_load((root / "params.yaml").read_text())
     merged = deep_merge(base, yaml.safe_load(override.read_text()) or {})
     parse_params(merged)  # fail here, with the key named, before DVC starts anything
@@ -85,6 +93,7 @@ def metric_rows(metrics_dir: Path) -> list[list]:
 
 SUMMARY_KEYS = {
     "data.json": ["sft_train_count", "rm_train_count", "rm_test_count", "skipped"],
+    "lengths.json": ["ppo_prompts.prompt_tokens_max", "rm_train.sequence_tokens_max"],
     "sft.json": ["base_eval_loss", "eval_loss", "eval_perplexity", "train_loss", "wall_time_s"],
     "reward/": ["accuracy", "auc", "ece", "mean_margin", "model_memory_mb", "adapter_size_mb", "wall_time_s"],
 }

@@ -1,22 +1,30 @@
-"""Stage `base`: materialise the base model + tokenizer into models/base (hub snapshot or tiny offline build)."""
+"""Stage `base`: materialise the base model + tokenizer into models/base (hub snapshot, local folder or tiny build)."""
 
 from edgerlhf import data, modeling, paths
 from edgerlhf.config import load_params
-from edgerlhf.runtime import atomic_dir, log, remove_outputs, run_stage, seed_everything
+from edgerlhf.runtime import atomic_dir, log, run_stage, seed_everything
 
 
 def main() -> None:
     params = load_params()
     seed_everything(params.seed)
-    remove_outputs(paths.BASE)
+    source = params.model.source
+    # Inputs are read and checked before any work; models/base is replaced only when the new one is complete.
+    if source == "local":
+        # The folder is checked and loaded before anything is written (each bad folder: one line naming the fix).
+        tokenizer, model = modeling.load_local_model(params.model, params.lora.target_modules)
+        log.info("local model folder %s (%s, %s, %d params)", params.model.local_path, model.config.model_type,
+                 type(model).__name__, modeling.count_params(model)[1])
+    # Training text only (see data.pretraining_corpus): no evaluation text shapes the vocabulary or weights.
+    texts = data.read_corpus(paths.CORPUS) if source == "tiny" else []
     with atomic_dir(paths.BASE) as out:
-        if params.model.source == "hub":
+        if source == "local":
+            modeling.save_base(tokenizer, model, out)
+        elif source == "hub":
             log.info("snapshot of %s@%s from the hub", params.model.name, params.model.revision)
-            modeling.snapshot_hub_model(params.model, out)
+            modeling.snapshot_hub_model(params.model, out, params.lora.target_modules)
         else:
             tiny = params.model.tiny
-            # Training text only (see data.pretraining_corpus): no evaluation text shapes the vocabulary or weights.
-            texts = data.read_corpus(paths.CORPUS)
             tokenizer = modeling.train_tokenizer(texts, tiny.vocab_size, out)
             model = modeling.build_tiny_model(tiny, tokenizer, params.seed)
             trainable, total = modeling.count_params(model)

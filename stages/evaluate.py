@@ -2,18 +2,19 @@
 
 from edgerlhf import data, modeling, paths
 from edgerlhf.config import load_params
-from edgerlhf.evaluation import run_evaluation
-from edgerlhf.runtime import Timer, log, remove_outputs, run_stage, seed_everything, write_json
+from edgerlhf.evaluation import check_inputs, run_evaluation
+from edgerlhf.runtime import Timer, log, run_stage, seed_everything, write_json
 
 
 def main() -> None:
     params = load_params()
+    # Every input first (safetensors only, every split record); both outputs are written, each atomically, only
+    # once the whole evaluation has succeeded, so a failure leaves the previous ones as they were.
+    check_inputs(params)
     seed_everything(params.seed)
     device = modeling.resolve_device(params.hardware)
-    modeling.require_dir(paths.SFT_MERGED, "sft", "config.json")
     log.info("policies sft + ppo@{%s}, reward models %s, device %s", ",".join(params.reward.precisions),
              ",".join(params.reward.precisions), device.describe())
-    remove_outputs(paths.EVAL_METRICS, paths.SAMPLES)
     timer = Timer()
     metrics, samples = run_evaluation(params, device)
     data.write_jsonl(paths.SAMPLES, samples)

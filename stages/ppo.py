@@ -1,21 +1,22 @@
 """Stage `ppo@P`: PPO of the SFT policy against the reward model of precision P (our own PPO, edgerlhf.ppo)."""
 
-from edgerlhf import distributed, modeling, paths, resume
+from edgerlhf import data, distributed, modeling, paths, resume
 from edgerlhf.config import load_precision_stage
 from edgerlhf.ppo_stage import run_ppo
-from edgerlhf.runtime import Timer, log, remove_outputs, run_stage, write_csv, write_json
+from edgerlhf.runtime import Timer, log, run_stage, write_csv, write_json
 
 
 def main() -> None:
     precision, params = load_precision_stage(__doc__)
+    # Inputs first (safetensors only, every split record): a bad one fails here and the previous outputs stay;
+    # the new ones replace them only on success (distributed.output_dir, atomic write_json/write_csv).
+    modeling.require_model(paths.SFT_MERGED, "sft")
+    modeling.require_adapter(paths.reward_dir(precision), f"reward@{precision}")
+    data.read_splits(params.data.sizes, "ppo_prompts", "eval_prompts")  # checked here, read again by run_ppo
     procs, device = distributed.start_stage(params)
-    modeling.require_dir(paths.SFT_MERGED, "sft", "config.json")
-    modeling.require_dir(paths.reward_dir(precision), f"reward@{precision}", "adapter_config.json")
     log.info("policy %s, reward model %s at %s, device %s, %s", paths.SFT_MERGED, paths.reward_dir(precision),
              precision, device.describe(), procs.describe())
     curves, eval_curves = paths.PLOTS / "ppo" / f"{precision}.csv", paths.PLOTS / "ppo_eval" / f"{precision}.csv"
-    if procs.is_main:
-        remove_outputs(paths.ppo_dir(precision), paths.ppo_metrics(precision), curves, eval_curves)
     timer = Timer()
     stage = f"ppo@{precision}"
     inputs = [paths.SFT_MERGED, paths.reward_dir(precision), paths.split_file("ppo_prompts"),

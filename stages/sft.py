@@ -2,22 +2,22 @@
 
 from edgerlhf import data, distributed, modeling, paths, resume
 from edgerlhf.config import load_params
-from edgerlhf.runtime import Timer, log, remove_outputs, run_stage, write_csv, write_json
+from edgerlhf.runtime import Timer, log, run_stage, write_csv, write_json
 from edgerlhf.sft import train_sft
 
 
 def main() -> None:
     params = load_params()
+    # Inputs first (safetensors only, every split record): a bad one fails here and the previous outputs stay;
+    # the new ones replace them only on success (distributed.output_dir, atomic write_json/write_csv).
+    modeling.require_model(paths.BASE, "base")
+    splits = data.read_splits(params.data.sizes, "sft_train", "sft_eval")
     procs, device = distributed.start_stage(params)
-    modeling.require_dir(paths.BASE, "base", "config.json")
     log.info("model %s, device %s, %s", paths.BASE, device.describe(), procs.describe())
-    if procs.is_main:
-        remove_outputs(paths.SFT, paths.METRICS / "sft.json", paths.PLOTS / "sft.csv")
     timer = Timer()
     inputs = [paths.BASE, paths.split_file("sft_train"), paths.split_file("sft_eval")]
     work = resume.claim(resume.work_dir("sft"), resume.fingerprint("sft", params, inputs), procs)
-    train = data.read_split(paths.split_file("sft_train"))
-    evals = data.read_split(paths.split_file("sft_eval"))
+    train, evals = splits["sft_train"], splits["sft_eval"]
     with distributed.output_dir(paths.SFT, procs) as out:
         metrics, steps = train_sft(params, paths.BASE, train, evals, out, work, device)
         distributed.check_replicas(out / "adapter", out, procs)

@@ -20,7 +20,7 @@ def committed() -> dict:
 def test_committed_params_and_smoke_profile_are_valid():
     p = load_params(ROOT / "params.yaml")
     assert isinstance(p, Params)
-    assert p.model.name == "distilgpt2" and p.data.source == "hh-rlhf"
+    assert p.model.name == "distilgpt2" and p.data.source == "hub"
     assert (p.lora.r, p.lora.alpha, p.lora.dropout) == (16, 32, 0.05)
     assert (p.ppo.batch_size, p.ppo.mini_batch_size, p.ppo.gradient_accumulation_steps) == (32, 2, 4)
     assert p.ppo.learning_rate == 1.41e-5 and p.ppo.init_kl_coef == 0.1 and p.ppo.target_kl == 6.0
@@ -47,7 +47,12 @@ def test_defaults_equal_committed_file():
     ({"ppo": {"batch_size": 30}}, "ppo.batch_size (30) must be a multiple of"),
     ({"model": {"tiny": {"n_embd": 65}}}, "model.tiny.n_embd (65) must be divisible"),
     ({"model": "distilgpt2"}, "model must be a mapping"),
-    ({"data": {"source": "jsonl"}}, "data.jsonl_path must be set"),
+    ({"data": {"source": "jsonl", "jsonl_path": ""}}, "data.jsonl_path must be set"),
+    ({"data": {"jsonl_path": " "}}, "dvc.yaml's prepare stage depends on it"),
+    ({"model": {"local_path": ""}}, "model.local_path must be set"),
+    ({"model": {"source": "local", "local_path": "models/sft/merged"}},
+     "model.local_path (models/sft/merged) is inside a folder the pipeline writes"),
+    ({"model": {"source": "lokal"}}, "model.source must be one of 'hub', 'local', 'tiny'"),
     ({"hardware": {"vram_budget_gb": float("nan")}}, "hardware.vram_budget_gb must be finite"),
     ({"sft": {"checkpoint_every": 25}}, "sft.checkpoint_every (25) must be a multiple of sft.logging_steps (10)"),
     ({"ppo": {"checkpoint_every": -1}}, "ppo.checkpoint_every must be >= 0"),

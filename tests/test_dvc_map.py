@@ -117,3 +117,34 @@ def test_split_lists_partition_the_splits():
     from edgerlhf.config import SPLITS, TEST_SPLITS, TRAIN_SPLITS
 
     assert sorted(TRAIN_SPLITS + TEST_SPLITS) == sorted(SPLITS) and not set(TRAIN_SPLITS) & set(TEST_SPLITS)
+
+
+# The inputs a stage reads from outside the pipeline, as dvc.yaml templates them from params: editing the file or
+# folder reruns exactly the stage that reads it (and what follows). No other stage lists them.
+INPUT_DEPS = {"prepare": "${data.jsonl_path}", "base": "${model.local_path}"}
+
+
+def test_local_inputs_are_deps_of_exactly_the_stages_that_read_them():
+    problems = []
+    for name, stage in stages().items():
+        templated = {d for d in stage["deps"] if "${" in d and "${item." not in d}
+        wanted = {INPUT_DEPS[name]} if name in INPUT_DEPS else set()
+        if wanted - templated:
+            problems.append(f"dvc.yaml stage {name}: add to deps: {', '.join(sorted(wanted - templated))}")
+        if templated - wanted:
+            problems.append(f"dvc.yaml stage {name}: templated deps only for the local inputs, remove: "
+                            f"{', '.join(sorted(templated - wanted))}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_default_input_paths_exist():
+    """DVC fails on a dep that does not exist, and the input deps are listed whatever the source: their defaults
+    are committed folders (holding a README), and `make smoke`'s scratch copy makes them too (edgerlhf.smoke)."""
+    from edgerlhf import smoke
+    from edgerlhf.config import LOCAL_DATA_DIR, LOCAL_MODEL_DIR, Params
+
+    defaults = Params()
+    assert (defaults.data.jsonl_path, defaults.model.local_path) == (LOCAL_DATA_DIR, LOCAL_MODEL_DIR)
+    for folder in (LOCAL_DATA_DIR, LOCAL_MODEL_DIR):
+        assert (ROOT / folder / "README.md").is_file(), f"{folder}/README.md is missing: it keeps the folder in git"
+    assert set(smoke.INPUT_DIRS) == {LOCAL_DATA_DIR, LOCAL_MODEL_DIR}

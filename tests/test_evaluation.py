@@ -188,7 +188,7 @@ def _fake_run(tmp_path: Path, gold: bool = True, bf16_gold: float = 1.2) -> R.Ru
     curves.mkdir(parents=True)
     (curves / "bf16.csv").write_text("update,kl,gold,proxy\n0,0.0,1.33,1.83\n20,1.57,1.69,2.48\n")
     (curves / "int8.csv").write_text("update,kl,gold,proxy\n0,0.0,1.33,2.37\n20,4.5,-0.17,3.69\n")
-    return R.load_run(tmp_path, ["bf16", "int8"], "synthetic" if gold else "hh-rlhf", "auto")
+    return R.load_run(tmp_path, ["bf16", "int8"], "synthetic" if gold else "hub", "auto")
 
 
 def test_number_tokens_skip_identifiers():
@@ -229,7 +229,7 @@ def test_verdict_says_plainly_when_bf16_does_not_beat_sft(tmp_path):
 def test_report_without_gold_judge_says_so(tmp_path):
     run = _fake_run(tmp_path, gold=False)
     text = R.write_report(run, tmp_path / "metrics", tmp_path / "reports")
-    assert "No gold judge is available for data.source=hh-rlhf" in text
+    assert "No gold judge is available for data.source=hub" in text
     assert "gold reward [lo, hi]" not in R.eval_table(run.eval, run.precisions)
     assert R.unsupported_numbers(text, R.metric_values(tmp_path / "metrics")) == []
 

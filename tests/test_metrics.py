@@ -49,8 +49,24 @@ def test_bootstrap_interval():
 
 def test_reward_metrics_keys():
     m = M.reward_metrics([2, 3, 1], [1, 1, 2])
-    assert set(m) == {"accuracy", "auc", "ece", "mean_margin"}
+    assert set(m) == {"accuracy", "accuracy_decided", "tie_fraction", "auc", "ece", "mean_margin"}
     assert m["accuracy"] == pytest.approx(2 / 3) and m["mean_margin"] == pytest.approx(2 / 3)
+    assert m["tie_fraction"] == 0 and m["accuracy_decided"] == m["accuracy"]
+
+
+def test_ties_are_reported_apart_from_wrong_answers():
+    # 10 pairs: 4 right, 2 wrong, 4 ties (the case: ties counted as wrong hide a decent reward model)
+    chosen = [2.0, 3.0, 1.5, 0.5, 0.0, -1.0, 0.7, 0.7, 0.7, 0.7]
+    rejected = [1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.7, 0.7, 0.7, 0.7]
+    m = M.reward_metrics(chosen, rejected)
+    assert m["accuracy"] == pytest.approx(0.4)  # strict: ties count as wrong, as before
+    assert m["tie_fraction"] == pytest.approx(0.4)
+    assert m["accuracy_decided"] == pytest.approx(4 / 6)
+    assert m["accuracy"] == pytest.approx(m["accuracy_decided"] * (1 - m["tie_fraction"]))
+    assert M.decided_accuracy([1.0, 2.0], [1.0, 2.0]) is None
+    every_pair_ties = M.reward_metrics([1.0, 2.0], [1.0, 2.0])
+    assert every_pair_ties["tie_fraction"] == 1.0 and every_pair_ties["accuracy"] == 0.0
+    assert "accuracy_decided" not in every_pair_ties  # undefined, not a made-up number
 
 
 def test_bootstrap_hand_values():

@@ -18,10 +18,11 @@ import yaml
 
 from edgerlhf import ppo, resume
 from edgerlhf.config import Params
+from edgerlhf.runtime import TIMING_KEYS
 from tests.conftest import tool_env
 from tests.test_ppo_oracles import count_target, small_params, tiny_policy, tiny_tokenizer, toy_prompts
 
-TIMING = {"wall_time_s", "episodes_per_s"}
+TIMING = set(TIMING_KEYS)
 
 
 @pytest.fixture
@@ -177,7 +178,8 @@ def test_killed_ppo_stage_resumes_to_the_uninterrupted_metrics(pipeline_run, tmp
     copy = _copy_with(pipeline_run, tmp_path / "run", "ppo", 2)
     work = copy / ".cache/work/ppo-int4"
     _kill_when([sys.executable, "stages/ppo.py", "int4"], copy, work / ppo.CHECKPOINT_FILE)
-    assert not (copy / "metrics/ppo/int4.json").exists() and not (copy / "models/ppo/int4").exists()
+    # killed mid-run: the previous outputs are untouched (new ones replace them only on success)
+    assert (copy / "metrics/ppo/int4.json").read_bytes() == (pipeline_run / "metrics/ppo/int4.json").read_bytes()
 
     log = _rerun(copy, "ppo@int4")
     updates = json.loads((pipeline_run / "metrics/ppo/int4.json").read_text())["updates"]
@@ -197,7 +199,8 @@ def test_killed_sft_stage_resumes_to_the_uninterrupted_metrics(pipeline_run, tmp
     copy = _copy_with(pipeline_run, tmp_path / "run", "sft", 30)
     work = copy / ".cache/work/sft"
     _kill_when([sys.executable, "stages/sft.py"], copy, work / "checkpoint-30" / "trainer_state.json")
-    assert not (copy / "metrics/sft.json").exists() and not (copy / "models/sft").exists()
+    # killed mid-run: the previous outputs are untouched (new ones replace them only on success)
+    assert (copy / "metrics/sft.json").read_bytes() == (pipeline_run / "metrics/sft.json").read_bytes()
 
     log = _rerun(copy, "sft")
     assert re.search(r"resuming from \S*checkpoint-(30|60|90|120)\b", log), log[-3000:]
