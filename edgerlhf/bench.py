@@ -431,15 +431,14 @@ def measure_reward(ctx: Context, precision: str) -> dict[str, float]:
 def separate_reference_logprobs(reference: nn.Module, rollout: ppo.Rollout, temperature: float,
                                 chunk_size: int) -> Tensor:
     """Reference log-probs [B, R] from a separate model copy (the benchmark-only variant), computed as
-    `ppo.rollout_logprobs_values` does: position ids from the mask, logits / T, chunks of rows."""
+    `ppo.rollout_logprobs_values` does: `ppo.lm_forward` (fp32 head), logits / T, chunks of rows."""
     n = rollout.response.shape[1]
     input_ids, attention_mask = rollout.input_ids, rollout.attention_mask
     out = []
     for start in range(0, len(input_ids), chunk_size):
         rows = slice(start, start + chunk_size)
-        logits = reference(input_ids=input_ids[rows], attention_mask=attention_mask[rows],
-                           position_ids=ppo.position_ids_from_mask(attention_mask[rows]), use_cache=False).logits
-        logits = logits[:, -(n + 1):-1].float() / temperature
+        logits, _ = ppo.lm_forward(reference, input_ids[rows], attention_mask[rows], n_last=n + 1)
+        logits = logits[:, :-1] / temperature
         out.append(ppo.response_logprobs(logits, rollout.response[rows]))
         del logits
     return torch.cat(out)

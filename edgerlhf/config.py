@@ -203,7 +203,8 @@ class PPOParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    judge: str = _f("auto", doc="auto: rule scorer (synthetic) or the trained judge (hub/jsonl); or a hub RM id")
+    judge: Literal["auto", "rules", "none"] = _f("auto", doc="auto: the synthetic task's rule scorer there, no gold "
+                                                         "judge elsewhere (yet) | rules | none")
     max_new_tokens: int = _f(64, lo=1)
     temperature: float = _f(0.7, lo=0.0, lo_open=True)
     top_k: int = _f(0, lo=0)
@@ -335,6 +336,9 @@ def _check_cross_field(p: Params) -> None:
     if p.model.tiny.n_embd % p.model.tiny.n_head:
         raise ConfigError(f"model.tiny.n_embd ({p.model.tiny.n_embd}) must be divisible by model.tiny.n_head")
     # Both paths are deps of dvc.yaml whatever the source (DVC deps cannot be conditional): never empty.
+    if p.eval.judge == "rules" and p.data.source != "synthetic":
+        raise ConfigError(f"eval.judge: rules is the synthetic task's scorer; data.source {p.data.source} has no "
+                          "rules: set eval.judge: auto or none")
     if not p.data.jsonl_path.strip():
         raise ConfigError(f"data.jsonl_path must be set (a JSONL file for data.source jsonl; else keep the default "
                           f"{LOCAL_DATA_DIR}): dvc.yaml's prepare stage depends on it")

@@ -299,13 +299,19 @@ def read_splits(sizes: Any, *names: str) -> dict[str, list[Record]]:
 # --------------------------------------------------------------------------- the prepare stage's splits
 
 
-def _allocate(pool: list[Record], names: tuple[str, ...], sizes: dict[str, int], source: str) -> dict[str, list]:
-    """Cut disjoint consecutive slices of a shuffled pool, one per split; too few records is a DataError."""
+def _allocate(pool: list[Record], names: tuple[str, ...], sizes: dict[str, int], source: str,
+              dropped: Counter[str] | None = None) -> dict[str, list]:
+    """Cut disjoint consecutive slices of a shuffled pool, one per split; too few records is a DataError that
+    says which rows were dropped and why (`dropped`), since keeping them may be the fix."""
     need = sum(sizes[n] for n in names)
     if need > len(pool):
         wanted = ", ".join(f"{n}={sizes[n]}" for n in names)
-        raise DataError(f"{source} has {len(pool)} usable records but the splits need {need} ({wanted}); "
-                        "lower data.sizes.* in params.yaml")
+        fix = "lower data.sizes.* in params.yaml"
+        if dropped:
+            reasons = ", ".join(f"{n} {r}" for r, n in sorted(dropped.items()))
+            fix = (f"{sum(dropped.values())} rows were dropped ({reasons}): fix those rows (or raise "
+                   f"data.max_prompt_chars for prompt_too_long), or {fix}")
+        raise DataError(f"{source} has {len(pool)} usable records but the splits need {need} ({wanted}); {fix}")
     out, start = {}, 0
     for n in names:
         out[n] = pool[start:start + sizes[n]]
@@ -350,12 +356,12 @@ def build_splits(data_params: Any, seed: int) -> tuple[dict[str, list[Record]], 
     if len(pools) == 1:  # one JSONL, or one hub split for both sides: shuffled and cut once
         (name, pool), = pools.items()
         random.Random(seed).shuffle(pool)
-        return _allocate(pool, TEST_SPLITS + TRAIN_SPLITS, sizes, name), counts
+        return _allocate(pool, TEST_SPLITS + TRAIN_SPLITS, sizes, name, skipped), counts
     (train_name, train), (test_name, test) = pools.items()
     random.Random(f"{seed}/train").shuffle(train)
     random.Random(f"{seed}/test").shuffle(test)
-    return {**_allocate(train, TRAIN_SPLITS, sizes, train_name), **_allocate(test, TEST_SPLITS, sizes, test_name)}, \
-        counts
+    return {**_allocate(train, TRAIN_SPLITS, sizes, train_name, results[train_name].reasons),
+            **_allocate(test, TEST_SPLITS, sizes, test_name, results[test_name].reasons)}, counts
 
 
 def pretraining_corpus(source: str, splits: dict[str, list[Record]], knowledge_repeats: int) -> list[str]:

@@ -1,8 +1,8 @@
 """The gold judge: an independent scorer used to tell real alignment gains from reward hacking.
 
 For the synthetic task it is the task's rule-based gold scorer (the proxy reward models never see it).
-For HH-RLHF there is no rule; `eval.judge` may later name a trained judge (see issue tracker) and until
-then the gold columns are absent rather than invented.
+For other data there is no rule and no judge yet (`eval.judge`: auto | rules | none, validated by config): the
+gold columns are absent rather than invented.
 """
 
 from __future__ import annotations

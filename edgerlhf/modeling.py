@@ -139,6 +139,11 @@ def check_lora_targets(model: torch.nn.Module, configured: Sequence[str], where:
     `model`, so an architecture without defaults or a misspelt target fails here, not in SFT. peft matches a
     target by the last components of a module's name."""
     targets = lora_targets(model, list(configured))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_names = {n.split(".")[-1] for n, m in model.named_modules() if head is not None and m is head}
+    if head_names & set(targets):
+        raise ConfigError(f"lora.target_modules names the output layer ({', '.join(sorted(head_names & set(targets)))})"
+                          ": PPO computes it in fp32 itself; leave it out")
     names = [n for n, _ in model.named_modules()]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if missing:

@@ -178,7 +178,10 @@ class FixedKLController:
 
 
 class AdaptiveKLController:
-    """Ziegler et al. (2019): beta <- beta * (1 + clip(KL / target - 1, +-0.2) * n / horizon)."""
+    """Ziegler et al. (2019)'s proportional controller in multiplicative form:
+    beta <- beta * exp(clip(KL / target - 1, +-0.2) * n / horizon). Their factor 1 + x to first order; unlike it,
+    beta never reaches 0 or below however few updates share the horizon, and over a run it moves by at most
+    exp(+-0.2 * total / horizon)."""
 
     def __init__(self, init_beta: float, target: float, horizon: float) -> None:
         self.value, self.target, self.horizon = init_beta, target, horizon
@@ -186,7 +189,7 @@ class AdaptiveKLController:
     def update(self, current_kl: float, n_steps: int) -> None:
         """Move beta towards the coefficient that keeps the KL at `target`; `n_steps` episodes were seen."""
         proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        self.value *= math.exp(proportional_error * n_steps / self.horizon)
 
 
 def make_kl_controller(params: PPOParams) -> FixedKLController | AdaptiveKLController:
@@ -334,22 +337,28 @@ class PolicyWithValue(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, n_last: int = 0) -> tuple[Tensor, Tensor]:
         """(logits fp32 [B, n, V], values fp32 [B, n]) at the last `n_last` positions (0: all); position ids come
-        from the attention mask.
-
-        The LM head runs in fp32 on the upcast final hidden state: bf16 logits are rounded by 0.125-0.5 at
-        |logit| 16-128 (GPT-2's range), and that error would go straight into log rho, the KL and the ratio.
-        The body (with its LoRA layers) runs as the model's own forward does, without its head."""
-        lm = causal_lm(self.model)
-        out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-        hidden = out.last_hidden_state
-        if n_last:
-            hidden = hidden[:, -n_last:]
-        hidden = hidden.float()
-        head = lm.get_output_embeddings()
-        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
-        logits = nn.functional.linear(hidden, head.weight.float(), bias)
+        from the attention mask. Logits from `lm_forward` (the LM head in fp32); the value head reads the same
+        final hidden state."""
+        logits, hidden = lm_forward(causal_lm(self.model), input_ids, attention_mask, n_last)
         return logits, self.value_head(hidden).squeeze(-1)
+
+
+def lm_forward(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, n_last: int = 0) -> tuple[Tensor, Tensor]:
+    """(logits fp32 [B, n, V], final hidden state fp32 [B, n, H]) of a causal LM at the last `n_last` positions.
+
+    The body (with its LoRA layers) runs as the model's own forward does; the output layer is applied here, in fp32,
+    to the upcast hidden state: bf16 logits are rounded by 0.125-0.5 at |logit| 16-128 (GPT-2's range), and that
+    error would go straight into log rho, the KL and the ratio. The price is a transient fp32 copy of the head's
+    weight (vocab x hidden x 4 bytes: 0.15 GB for GPT-2, 0.55 GB for Qwen2.5-0.5B)."""
+    out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask), use_cache=False, return_dict=True)
+    hidden = out.last_hidden_state
+    if n_last:
+        hidden = hidden[:, -n_last:]
+    hidden = hidden.float()
+    head = lm.get_output_embeddings()
+    bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+    return nn.functional.linear(hidden, head.weight.float(), bias), hidden
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -367,16 +376,27 @@ def check_fp32_head(lm: nn.Module) -> None:
     if isinstance(head, BaseTunerLayer) or not isinstance(getattr(head, "weight", None), Tensor):
         raise ConfigError("PPO computes the LM head in fp32 itself: leave the output layer (lm_head) out of "
                           "lora.target_modules")
+    config = getattr(lm, "config", None)
+    scaled = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+              if getattr(config, k, None) not in (None, 1, 1.0)]
+    if scaled:
+        raise ConfigError(f"{type(lm).__name__} scales its logits ({', '.join(scaled)}): PPO's fp32 head is one "
+                          "linear layer over the last hidden state and cannot reproduce them")
     device = head.weight.device
     ids = torch.arange(8, device=device).remainder(head.weight.shape[0]).unsqueeze(0)
     mask = torch.ones_like(ids)
     was_training = lm.training
     lm.eval()
-    with torch.no_grad():
-        mine = PolicyWithValue(lm, nn.Linear(head.weight.shape[1], 1, device=device))(ids, mask)[0]
-        theirs = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                    use_cache=False).logits.float()
-    lm.train(was_training)
+    try:
+        with torch.no_grad():
+            mine = lm_forward(lm, ids, mask)[0]
+            theirs = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                        use_cache=False).logits.float()
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{type(lm).__name__} does not expose the standard causal-LM layout PPO needs (a body "
+                          f"`base_model` returning `last_hidden_state`, an output layer): {exc}") from exc
+    finally:
+        lm.train(was_training)
     tol = 1e-4 if head.weight.dtype == torch.float32 else 0.05 * (1.0 + theirs.abs().max().item())
     if (mine - theirs).abs().max().item() > tol:
         raise ConfigError(f"{type(lm).__name__}'s logits are not a linear head over its last hidden state "
@@ -675,7 +695,7 @@ def ppo_update(policy: PolicyWithValue, optimizer: torch.optim.Optimizer, scaler
     input_ids, attention_mask = ro.input_ids, ro.attention_mask
     minibatch_episodes = params.mini_batch_size * params.gradient_accumulation_steps
     sums = dict.fromkeys(UPDATE_STATS, 0.0)
-    n_micro, n_steps, n_skipped, ratio_dev_first = 0, 0, 0, 0.0
+    n_micro, n_steps, n_skipped, ratio_dev_first, diverged = 0, 0, 0, 0.0, False
     for _epoch in range(params.ppo_epochs):
         perm = torch.randperm(n_episodes, generator=shuffle_rng).to(input_ids.device)
         for mb_start in range(0, n_episodes, minibatch_episodes):
@@ -693,9 +713,9 @@ def ppo_update(policy: PolicyWithValue, optimizer: torch.optim.Optimizer, scaler
                 if params.ent_coef > 0:
                     loss = loss - params.ent_coef * masked_mean(entropy_from_logits(logits), m)
                 del logits
-                if not torch.isfinite(loss):
-                    raise EdgeRLHFError("PPO diverged: non-finite loss; lower ppo.learning_rate or "
-                                        "ppo.max_grad_norm")
+                if not torch.isfinite(loss):  # stop, but with the other processes (a lone raise would hang them)
+                    diverged = True
+                    continue
                 scaler.scale(loss / params.gradient_accumulation_steps).backward()
                 if n_steps == 0:  # before the first optimizer step the policy IS the sampling policy
                     with torch.no_grad():
@@ -705,6 +725,9 @@ def ppo_update(policy: PolicyWithValue, optimizer: torch.optim.Optimizer, scaler
                                    ("clipfrac", clipfrac), ("vf_clipfrac", vf_clipfrac)):
                     sums[key] += value.item()
                 n_micro += 1
+            if procs.max(torch.tensor([float(diverged)])).item():
+                raise EdgeRLHFError(f"PPO diverged: non-finite loss in optimizer step {n_steps + 1} of the update; "
+                                    "lower ppo.learning_rate or ppo.max_grad_norm")
             # every process now holds the gradient of its share of the minibatch: average them (DDP)
             procs.all_reduce_gradients(trainable)
             scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
@@ -756,6 +779,7 @@ class PPOResult:
     episodes_per_s: float
     evals: list[dict[str, float]] = field(default_factory=list)
     rollout_tokens_per_s: float = 0.0  # response tokens (up to EOS) sampled per second of generate(), this process
+    ratio_dev_tolerance: float = 0.0  # what ratio_dev_first was checked against (RATIO_DEV_TOLERANCE of the dtype)
 
 
 @dataclass
@@ -994,7 +1018,8 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
     return PPOResult(history=state.history, score_mean=state.score_stats[0], score_std=state.score_stats[1],
                      episodes=num_updates * per_update, updates=num_updates, wall_time_s=wall,
                      episodes_per_s=episodes_run / wall if wall > 0 else 0.0, evals=state.evals,
-                     rollout_tokens_per_s=generated_tokens / generation_s if generation_s > 0 else 0.0)
+                     rollout_tokens_per_s=generated_tokens / generation_s if generation_s > 0 else 0.0,
+                     ratio_dev_tolerance=RATIO_DEV_TOLERANCE[dtype])
 
 
 # =========================================================================== 8. resumable checkpoints

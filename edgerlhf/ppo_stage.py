@@ -132,7 +132,7 @@ def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, *, ch
         "vf_clipfrac_mean": _finite(sum(r["vf_clipfrac"] for r in h) / len(h)),
         "grad_norm_mean": _finite(sum(r["grad_norm"] for r in h) / len(h)),
         "ratio_dev_first_max": _finite(max(r["ratio_dev_first"] for r in h)),
-        "ratio_dev_tolerance": ppo.RATIO_DEV_TOLERANCE[device.dtype],
+        "ratio_dev_tolerance": result.ratio_dev_tolerance,
         "skipped_steps": int(sum(r["skipped_steps"] for r in h)),
         "value_loss_end": _finite(h[-1]["value_loss"]),
         **explained_variance_summary(h),

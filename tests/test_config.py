@@ -56,6 +56,8 @@ def test_defaults_equal_committed_file():
     ({"hardware": {"vram_budget_gb": float("nan")}}, "hardware.vram_budget_gb must be finite"),
     ({"sft": {"checkpoint_every": 25}}, "sft.checkpoint_every (25) must be a multiple of sft.logging_steps (10)"),
     ({"ppo": {"checkpoint_every": -1}}, "ppo.checkpoint_every must be >= 0"),
+    ({"eval": {"judge": "nonsense"}}, "eval.judge must be one of 'auto', 'rules', 'none'"),
+    ({"eval": {"judge": "rules"}}, "eval.judge: rules is the synthetic task's scorer; data.source hub has no rules"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as exc:

@@ -760,3 +760,20 @@ def test_build_splits_jsonl_counts_every_form(tmp_path: Path) -> None:
     drawn = Counter(json.dumps(r, sort_keys=True) for recs in splits.values() for r in recs)
     available = Counter(json.dumps(FORM_LINES[f][1], sort_keys=True) for f in FORM_ORDER)
     assert sum(drawn.values()) == 9 and not drawn - available  # each line used at most once
+
+
+def test_too_few_records_says_which_rows_were_dropped(tmp_path: Path) -> None:
+    """The #13 case: every row was dropped for a reason; lowering data.sizes alone cannot be the whole answer."""
+    import dataclasses
+
+    from edgerlhf.config import DataParams, SplitSizes
+
+    same = json.dumps({"prompt": BREAD_PROMPT, "chosen": " Bake it.", "rejected": " Bake it."})
+    path = _write_lines(tmp_path / "pairs.jsonl", [same, same, _raw(BREAD_CHOSEN, BREAD_REJECTED)])
+    sizes = dataclasses.replace(SplitSizes(), **{n: 1 for n in SplitSizes.__dataclass_fields__})
+    with pytest.raises(DataError) as info:
+        data.build_splits(DataParams(source="jsonl", jsonl_path=str(path), sizes=sizes), seed=0)
+    assert str(info.value).endswith("has 1 usable records but the splits need 7 (rm_test=1, sft_eval=1, "
+                                    "eval_prompts=1, sft_train=1, rm_train=1, ppo_prompts=1, judge_train=1); 2 rows "
+                                    "were dropped (2 identical_pair): fix those rows (or raise data.max_prompt_chars "
+                                    "for prompt_too_long), or lower data.sizes.* in params.yaml")

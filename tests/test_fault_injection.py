@@ -174,7 +174,7 @@ def _replace_line(path: Path, index: int, text: str) -> str:
 
 
 @pytest.mark.parametrize("script, args, split, fault, message", [
-    ("sft", (), "sft_train", "empty record", "field 'prompt' missing or not a string"),
+    ("sft", (), "sft_train", "empty record", "missing field 'chosen'"),
     ("reward", ("int4",), "rm_test", "empty response", "field 'chosen' is an empty response"),
     ("ppo", ("int4",), "ppo_prompts", "empty file", "0 records, but data.sizes.ppo_prompts is"),
     ("evaluate", (), "eval_prompts", "bad JSON", "invalid JSON"),

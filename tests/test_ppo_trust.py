@@ -5,6 +5,7 @@ distribution, the first-step ratio check and a KL controller that moves at the r
 from __future__ import annotations
 
 import ast
+import math
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,11 @@ def test_only_distributed_py_calls_collectives():
                                                         "all_reduce", "all_gather", "barrier"}
                 if names or node.module == "torch.distributed":
                     offenders.append(f"{path.name}:{node.lineno}")
+            if isinstance(node, ast.Import) and any(a.name.startswith("torch.distributed") for a in node.names):
+                offenders.append(f"{path.name}:{node.lineno}")
+            if isinstance(node, ast.ImportFrom) and node.module == "torch" and \
+                    any(a.name == "distributed" for a in node.names):
+                offenders.append(f"{path.name}:{node.lineno}")
             if isinstance(node, ast.Attribute) and ast.unparse(node).startswith("torch.distributed."):
                 offenders.append(f"{path.name}:{node.lineno}")
     assert offenders == []
@@ -330,3 +336,44 @@ def test_undefined_explained_variance_is_a_gap_not_a_zero():
     assert ppo_stage._curve_value("explained_variance", float("nan")) == ""
     with pytest.raises(ValueError):
         ppo_stage._curve_value("kl", float("nan"))
+
+
+@pytest.mark.parametrize("updates", [1, 2, 4])
+def test_adaptive_beta_stays_positive_and_bounded_in_short_runs(updates):
+    """A short run puts many episodes on one horizon (n / H = 1 / (fraction * updates)): the multiplicative
+    controller never reaches 0, and the whole run moves beta by at most exp(0.2 / fraction) either way."""
+    params = PPOParams(total_episodes=32 * updates, batch_size=32, kl_horizon_fraction=0.1, init_kl_coef=0.1)
+    low, high = ppo.make_kl_controller(params), ppo.make_kl_controller(params)
+    for _ in range(updates):
+        low.update(0.0, 32)
+        high.update(100.0, 32)
+    assert low.value > 0 and low.value == pytest.approx(0.1 * math.exp(-2.0))
+    assert high.value == pytest.approx(0.1 * math.exp(2.0))
+
+
+def test_a_non_finite_loss_stops_every_process_together(monkeypatch):
+    """The divergence is agreed through Processes.max before the gradient all-reduce: a lone raise in one process
+    would leave the others waiting in the all-reduce (an NCCL hang)."""
+    asked = []
+    real_max = distributed.Processes.max
+
+    def spy(self, values):
+        asked.append(values.tolist())
+        return real_max(self, values)
+
+    monkeypatch.setattr(distributed.Processes, "max", spy)
+    monkeypatch.setattr(ppo, "clipped_value_loss", lambda *a, **k: (torch.tensor(float("nan")), torch.tensor(0.0)))
+    params = small_params(total_episodes=8, eval_every=0)
+    with pytest.raises(EdgeRLHFError, match="PPO diverged: non-finite loss in optimizer step 1 of the update"):
+        ppo.train_ppo(tiny_policy(params), tiny_tokenizer(), toy_prompts(), count_target, params, device="cpu",
+                      seed=0, progress=False)
+    assert asked == [[1.0]]
+
+
+def test_a_lora_on_the_output_layer_fails_at_base_not_at_ppo():
+    from edgerlhf import modeling
+
+    model = big_logit_model(torch.float32)
+    assert modeling.check_lora_targets(model, ["c_attn"], "the model") == ["c_attn"]
+    with pytest.raises(ConfigError, match=r"lora.target_modules names the output layer \(lm_head\)"):
+        modeling.check_lora_targets(model, ["c_attn", "lm_head"], "the model")

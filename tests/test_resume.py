@@ -171,6 +171,7 @@ def _assert_same_metrics(reference: Path, resumed: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extra  # 20 s of a stage run: make test-extra (the in-process resume tests above stay in make test)
 def test_killed_ppo_stage_resumes_to_the_uninterrupted_metrics(pipeline_run, tmp_path):
     """ppo@int4 with a checkpoint every 2 updates (the finished run used 5: checkpointing never changes the
     trajectory), SIGKILLed after its first checkpoint, then `dvc repro`: same metrics and curves as the
@@ -192,7 +193,7 @@ def test_killed_ppo_stage_resumes_to_the_uninterrupted_metrics(pipeline_run, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.extra  # the ppo variant above covers kill/resume in `make test`; CI runs this one too
+@pytest.mark.extra
 def test_killed_sft_stage_resumes_to_the_uninterrupted_metrics(pipeline_run, tmp_path):
     """sft (HF Trainer: optimizer, scheduler, RNG and data position restored), checkpoint every 30 steps,
     SIGKILLed after the first: base_eval_loss, losses and the logged curve equal the uninterrupted run's."""
