@@ -197,7 +197,10 @@ def install(venv: Path, uv: str | None, torch_version: str) -> None:
     if uv is not None:
         index_args, index_env = pip_settings(vpy)  # the venv's pip reads the machine's pip config
         env = {**os.environ, **index_env, "VIRTUAL_ENV": str(venv)}
-        base = [uv, "pip", "install", "--python", vpy, *index_args]
+        # --compile-bytecode: pip writes .pyc files at install time, uv does not by default. Without them every
+        # stage process recompiles torch/transformers where Python cannot write .pyc (PYTHONDONTWRITEBYTECODE,
+        # read-only installs): measured 2x slower stage starts and `make test` 7:30 instead of 4:41.
+        base = [uv, "pip", "install", "--compile-bytecode", "--python", vpy, *index_args]
         check = [uv, "pip", "check", "--python", vpy]
     else:
         env, base, check = None, [vpy, "-m", "pip", "install", "-q"], [vpy, "-m", "pip", "check"]

@@ -318,8 +318,8 @@ def test_makefile_setup_installs_the_same_lock(monkeypatch, tmp_path):
         assert "--no-deps" in lock and Path(lock[lock.index("-r") + 1]) == LOCK, installs
         assert "--no-deps" in installs[2] and "-e" in installs[2], installs
         assert "check" in calls[-1], calls
-        if uv:  # the machine's pip settings reach uv
-            assert all("--find-links" in c for c in installs), installs
+        if uv:  # the machine's pip settings reach uv; uv writes .pyc files as pip does
+            assert all("--find-links" in c and "--compile-bytecode" in c for c in installs), installs
 
 
 def test_makefile_pins_the_same_torch():
