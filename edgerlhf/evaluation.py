@@ -246,8 +246,7 @@ def generate_all(params: Params, device: Device, tokenizer: Any, prompts: Sequen
     chunk = params.ppo.logprob_chunk_size
     gens: dict[str, Generations] = {}
     for i, p in enumerate(params.reward.precisions):
-        modeling.require_dir(paths.ppo_dir(p), f"ppo@{p}", "adapter_config.json")
-        base = load_policy_base(params, device)
+        base = load_policy_base(params, device)  # the folders were checked by check_inputs (and load_policy)
         if i == 0:
             config = base.config
             _check_length(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None),

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from edgerlhf import data, modeling, paths, ppo, precisions
+from edgerlhf import modeling, paths, ppo, precisions
 from edgerlhf.config import Params, to_dict
 from edgerlhf.distributed import SINGLE, Processes
 from edgerlhf.judge import gold_judge
@@ -81,9 +81,11 @@ def explained_variance_summary(history: list[dict]) -> dict[str, float | int]:
     return summary
 
 
-def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, *, checkpoint_dir: Path | None = None,
-            fingerprint: str = "", procs: Processes = SINGLE) -> tuple[dict, list[dict], list[dict]]:
+def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, splits: dict[str, list[dict]], *,
+            checkpoint_dir: Path | None = None, fingerprint: str = "", procs: Processes = SINGLE
+            ) -> tuple[dict, list[dict], list[dict]]:
     """Train the PPO policy against reward@precision; save it to `out_dir`. Returns (metrics, curves, evals).
+    splits: ppo_prompts and eval_prompts as the stage read and checked them (data.read_splits).
     checkpoint_dir / fingerprint: resumable checkpoints every ppo.checkpoint_every updates (see train_ppo).
     procs: this process's place in a DDP run (each process samples its own episodes; see train_ppo)."""
     tokenizer = modeling.load_tokenizer(paths.SFT_MERGED, params.model.trust_remote_code)
@@ -94,8 +96,8 @@ def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, *, ch
     log.info("reward model at %s: quantized=%s, footprint %.1f MiB", precision,
              precisions.is_quantized(rm, precision), modeling.model_memory_mb(rm))
     score_fn = ppo.reward_model_score_fn(rm, tokenizer.pad_token_id, params.ppo.logprob_chunk_size)
-    prompts = tokenize_prompts(tokenizer, data.read_split(paths.split_file("ppo_prompts")))
-    eval_records = data.read_split(paths.split_file("eval_prompts"))
+    prompts = tokenize_prompts(tokenizer, splits["ppo_prompts"])
+    eval_records = splits["eval_prompts"]
     gold = gold_judge(params)
     trainable, total = modeling.count_params(policy)
     per_update = params.ppo.batch_size * procs.world_size

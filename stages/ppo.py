@@ -12,7 +12,7 @@ def main() -> None:
     # the new ones replace them only on success (distributed.output_dir, atomic write_json/write_csv).
     modeling.require_model(paths.SFT_MERGED, "sft")
     modeling.require_adapter(paths.reward_dir(precision), f"reward@{precision}")
-    data.read_splits(params.data.sizes, "ppo_prompts", "eval_prompts")  # checked here, read again by run_ppo
+    splits = data.read_splits(params.data.sizes, "ppo_prompts", "eval_prompts")
     procs, device = distributed.start_stage(params)
     log.info("policy %s, reward model %s at %s, device %s, %s", paths.SFT_MERGED, paths.reward_dir(precision),
              precision, device.describe(), procs.describe())
@@ -24,8 +24,8 @@ def main() -> None:
     fp = resume.fingerprint(stage, params, inputs)
     work = resume.claim(resume.work_dir(stage), fp, procs)
     with distributed.output_dir(paths.ppo_dir(precision), procs) as out:
-        metrics, history, evals = run_ppo(params, precision, device, out, checkpoint_dir=work, fingerprint=fp,
-                                          procs=procs)
+        metrics, history, evals = run_ppo(params, precision, device, out, splits, checkpoint_dir=work,
+                                          fingerprint=fp, procs=procs)
         distributed.check_replicas(out, out, procs)
     if procs.is_main:
         write_csv(curves, history)
