@@ -32,6 +32,7 @@ TEST_SPLITS = ("rm_test", "sft_eval", "eval_prompts")
 # lists both params as deps of `base` / `prepare` whatever the source, and DVC fails on a dep that does not exist.
 LOCAL_MODEL_DIR = "models/local"
 LOCAL_DATA_DIR = "data/local"
+DEFAULT_JUDGE = "Skywork/Skywork-Reward-V2-Qwen3-0.6B"  # Apache-2.0, 0.6 B parameters
 # Folders under models/ the pipeline writes (DVC outs): a local model there would be a cycle in the map.
 PIPELINE_MODEL_DIRS = ("models/base", "models/sft", "models/reward", "models/ppo")
 
@@ -96,6 +97,8 @@ class DataParams:
     jsonl_path: str = _f(LOCAL_DATA_DIR, doc="data.source jsonl: the JSONL file; always a DVC dep of `prepare`, "
                                              "so it must exist (the default is an empty folder)")
     on_malformed: Literal["error", "skip"] = "error"
+    labels: Literal["human", "judge"] = _f("human", doc="what the reward models learn: human: the data's labels | "
+                                                      "judge: each rm pair ordered by the gold judge (Gao et al. 2022)")
     max_prompt_chars: int = _f(1024, lo=16, doc="longer prompts are skipped and counted")
     knowledge_repeats: int = _f(200, lo=0, doc="synthetic task: copies of its fact statements in the corpus")
     sizes: SplitSizes = field(default_factory=SplitSizes)
@@ -135,8 +138,10 @@ class SFTParams:
 
 
 @dataclass(frozen=True)
-class RewardParams:
-    precisions: list[str] = _lst(list(PRECISIONS))
+class RewardTraining:
+    """How a reward model is trained (TRL RewardTrainer): the proxies' recipe (`reward`) and, separately, a trained
+    gold judge's (`eval.judge_training`), so tuning the proxies never changes the judge they are measured by."""
+
     learning_rate: float = _f(2e-4, lo=0.0, lo_open=True)
     per_device_train_batch_size: int = _f(4, lo=1)
     gradient_accumulation_steps: int = _f(4, lo=1)
@@ -152,7 +157,21 @@ class RewardParams:
     eval_batch_size: int = _f(16, lo=1)
     ece_bins: int = _f(10, lo=2)
     checkpoint_every: int = _f(200, lo=0, doc="optimizer steps between resumable checkpoints in "
-                                              ".cache/work/reward-<precision>; 0 off")
+                                              ".cache/work/reward-<precision> (or judge); 0 off")
+
+
+@dataclass(frozen=True)
+class RewardParams(RewardTraining):
+    precisions: list[str] = _lst(list(PRECISIONS))
+
+
+@dataclass(frozen=True)
+class JudgeTraining(RewardTraining):
+    """eval.judge: trained: the reward-model recipe plus its own LoRA (lora.target_modules is shared)."""
+
+    lora_r: int = _f(16, lo=1)
+    lora_alpha: int = _f(32, lo=1)
+    lora_dropout: float = _f(0.05, lo=0.0, hi=0.9)
 
 
 @dataclass(frozen=True)
@@ -203,8 +222,22 @@ class PPOParams:
 
 @dataclass(frozen=True)
 class EvalParams:
-    judge: Literal["auto", "rules", "none"] = _f("auto", doc="auto: the synthetic task's rule scorer there, no gold "
-                                                         "judge elsewhere (yet) | rules | none")
+    judge: Literal["auto", "rules", "model", "trained", "none"] = _f(
+        "auto", doc="the gold judge (stage `judge`): rules: the synthetic task's scorer | model: a reward model "
+                    "from the hub or a folder | trained: one trained here on judge_train | auto: rules on the "
+                    "synthetic task, model elsewhere | none: no gold")
+    judge_source: Literal["hub", "local"] = _f("hub", doc="judge model: hub: eval.judge_model@judge_revision | "
+                                                         "local: the folder eval.judge_path")
+    judge_model: str = _f(DEFAULT_JUDGE, doc="hub id of the judge (a 1-logit sequence classifier)")
+    judge_revision: str = _f("main", doc="hub revision; metrics name the commit it resolved to: pin that")
+    judge_path: str = _f(LOCAL_MODEL_DIR, doc="judge_source local: the judge folder; always a DVC dep of `judge`, "
+                                              "so it must exist")
+    judge_trust_remote_code: bool = _f(False, doc="only ever true for a judge whose code you have read")
+    judge_base: str = _f("", doc="trained judge: empty = models/base (model.name), else a hub id of a larger base")
+    judge_base_revision: str = "main"
+    judge_training: JudgeTraining = field(default_factory=JudgeTraining)
+    judge_batch_size: int = _f(8, lo=1)
+    judge_max_length: int = _f(1024, lo=16, doc="tokens per dialogue; longer ones lose the start of the prompt")
     max_new_tokens: int = _f(64, lo=1)
     temperature: float = _f(0.7, lo=0.0, lo_open=True)
     top_k: int = _f(0, lo=0)
@@ -321,7 +354,7 @@ def _check_cross_field(p: Params) -> None:
         raise ConfigError("reward.precisions must name at least one of " + ", ".join(PRECISIONS))
     if len(set(p.reward.precisions)) != len(p.reward.precisions):
         raise ConfigError(f"reward.precisions has duplicates ({p.reward.precisions})")
-    for name, section in (("sft", p.sft), ("reward", p.reward)):
+    for name, section in (("sft", p.sft), ("reward", p.reward), ("eval.judge_training", p.eval.judge_training)):
         # a resumed Trainer starts a fresh logging window at its checkpoint: aligned, the logged curve is the same
         if section.checkpoint_every % section.logging_steps:
             raise ConfigError(f"{name}.checkpoint_every ({section.checkpoint_every}) must be a multiple of "
@@ -338,7 +371,16 @@ def _check_cross_field(p: Params) -> None:
     # Both paths are deps of dvc.yaml whatever the source (DVC deps cannot be conditional): never empty.
     if p.eval.judge == "rules" and p.data.source != "synthetic":
         raise ConfigError(f"eval.judge: rules is the synthetic task's scorer; data.source {p.data.source} has no "
-                          "rules: set eval.judge: auto or none")
+                          "rules: set eval.judge: auto, model, trained or none")
+    if p.eval.judge == "trained" and p.data.sizes.judge_train < 2:
+        raise ConfigError("eval.judge: trained learns from the judge_train split: set data.sizes.judge_train "
+                          f"(now {p.data.sizes.judge_train}) to the number of pairs, e.g. 5000")
+    if p.data.labels == "judge" and p.eval.judge == "none":
+        raise ConfigError("data.labels: judge orders the reward-model pairs by the gold judge, and eval.judge is "
+                          "none: set eval.judge (auto, rules, model or trained) or data.labels: human")
+    if not p.eval.judge_path.strip():
+        raise ConfigError(f"eval.judge_path must be set (a judge folder for eval.judge_source local; else keep the "
+                          f"default {LOCAL_MODEL_DIR}): dvc.yaml's judge stage depends on it")
     if not p.data.jsonl_path.strip():
         raise ConfigError(f"data.jsonl_path must be set (a JSONL file for data.source jsonl; else keep the default "
                           f"{LOCAL_DATA_DIR}): dvc.yaml's prepare stage depends on it")

@@ -259,18 +259,19 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     return n
 
 
-def read_split(path: str | Path, expected: int | None = None) -> list[Record]:
+def read_split(path: str | Path, expected: int | None = None, stage: str = "prepare") -> list[Record]:
     """Read a split JSONL written by the prepare stage, every line checked against the record convention.
 
     A missing file is an ArtifactError (run prepare); a truncated, empty or malformed one a DataError naming
     the file and line: invalid JSON (a line cut short), not an object, a field missing, not a string or not
     in the convention (empty response, prompt without the final marker). `expected`: the number of records
     the split must hold (data.sizes.<split>: prepare cuts exactly that many), so a file cut at a line
-    boundary is caught too. Stages call this before any training and before touching their outputs."""
+    boundary is caught too. `stage`: the stage that writes the file, named in the fix. Stages call this before
+    any training and before touching their outputs."""
     p = Path(path)
     if not p.is_file():
-        raise ArtifactError(f"{path} not found; run the prepare stage (dvc repro prepare)")
-    fix = "re-run the prepare stage (dvc repro prepare)"
+        raise ArtifactError(f"{path} not found; run the {stage} stage (dvc repro {stage})")
+    fix = f"re-run the {stage} stage (dvc repro {stage})"
     out: list[Record] = []
     try:
         for lineno, line in _iter_lines(p):
@@ -294,6 +295,11 @@ def read_splits(sizes: Any, *names: str) -> dict[str, list[Record]]:
     """Every named split, fully read and checked (`read_split`), each against its size in `sizes`
     (params.data.sizes): what a stage does first, before it loads a model or touches its outputs."""
     return {name: read_split(paths.split_file(name), getattr(sizes, name)) for name in names}
+
+
+def read_labelled(sizes: Any, *names: str) -> dict[str, list[Record]]:
+    """`read_splits` of rm_train / rm_test as the reward models learn them (the judge stage's data/labelled)."""
+    return {name: read_split(paths.labelled_split(name), getattr(sizes, name), "judge") for name in names}
 
 
 # --------------------------------------------------------------------------- the prepare stage's splits

@@ -29,7 +29,7 @@ from edgerlhf import data, modeling, paths, ppo, runtime
 from edgerlhf import metrics as M
 from edgerlhf.config import Params, PPOParams
 from edgerlhf.errors import ArtifactError, ConfigError
-from edgerlhf.judge import gold_judge
+from edgerlhf.judge import describe, gold_judge, read_info, require_judge
 from edgerlhf.modeling import Device
 from edgerlhf.ppo_stage import load_policy_base, tokenize_prompts
 from edgerlhf.precisions import is_quantized, load_reward_model
@@ -124,6 +124,11 @@ def _r(x: float) -> float:
     return round(float(x), 6)
 
 
+def empty_response_fraction(responses: Sequence[str]) -> float:
+    """Share of responses that are empty or only whitespace once decoded (an EOS alone decodes to '')."""
+    return float(np.mean([not r.strip() for r in responses])) if responses else 0.0
+
+
 def policy_metrics(name: str, gens: Generations, proxy: dict[str, list[float]], own_rm: str,
                    gold: list[float] | None, sft_gold: list[float] | None, sft_proxy_own: list[float] | None,
                    n_boot: int, seed: int) -> dict[str, float]:
@@ -132,13 +137,16 @@ def policy_metrics(name: str, gens: Generations, proxy: dict[str, list[float]], 
     gold_reward (+_lo/_hi): mean gold score with a percentile bootstrap interval over prompts; win_rate_vs_sft
     (+_lo/_hi): P(gold > SFT's gold on the same prompt), ties half; proxy_reward: mean raw score under its own RM
     (`own_rm`; bf16 for SFT), proxy_<P>: under every RM; kl_to_sft: mean sequence KL; response_tokens: mean
-    response length in tokens (EOS included); gold/proxy_gain_vs_sft and gold_gain_per_kl for PPO policies."""
+    response length in tokens (EOS included); no_eos_fraction: share cut off at max_new_tokens;
+    empty_response_fraction: share empty or whitespace after decoding; gold/proxy_gain_vs_sft and gold_gain_per_kl
+    for PPO policies."""
     out: dict[str, float] = {
         "proxy_reward": _r(np.mean(proxy[own_rm])),
         **{f"proxy_{p}": _r(np.mean(s)) for p, s in proxy.items()},
         "kl_to_sft": _r(np.mean(gens.kl)),
         "response_tokens": _r(np.mean(gens.tokens)),
         "no_eos_fraction": _r(1.0 - np.mean(gens.has_eos)),
+        "empty_response_fraction": _r(empty_response_fraction(gens.responses)),
     }
     if gold is not None and sft_gold is not None:
         lo, hi = M.bootstrap_ci(gold, n_boot, seed, level=INTERVAL_LEVEL)
@@ -160,14 +168,6 @@ def policy_metrics(name: str, gens: Generations, proxy: dict[str, list[float]], 
     return out
 
 
-def choice_agreement(chosen_a: Sequence[float], rejected_a: Sequence[float], chosen_b: Sequence[float],
-                     rejected_b: Sequence[float]) -> float:
-    """Fraction of pairs on which two reward models prefer the same response (a tie is its own preference)."""
-    a = np.sign(np.asarray(chosen_a, float) - np.asarray(rejected_a, float))
-    b = np.sign(np.asarray(chosen_b, float) - np.asarray(rejected_b, float))
-    return float(np.mean(a == b))
-
-
 def rm_agreement(test_scores: dict[str, dict[str, list[float]]], eval_scores: dict[str, list[float]] | None = None
                  ) -> dict[str, dict[str, float]]:
     """Per quantized RM vs bf16: spearman_vs_bf16 (over every rm_test response, chosen and rejected),
@@ -181,7 +181,7 @@ def rm_agreement(test_scores: dict[str, dict[str, list[float]]], eval_scores: di
         if p == "bf16":
             continue
         row = {"spearman_vs_bf16": M.spearman(ref["chosen"] + ref["rejected"], s["chosen"] + s["rejected"]),
-               "choice_agreement_vs_bf16": choice_agreement(ref["chosen"], ref["rejected"], s["chosen"],
+               "choice_agreement_vs_bf16": M.choice_agreement(ref["chosen"], ref["rejected"], s["chosen"],
                                                             s["rejected"])}
         if eval_scores is not None:
             row["spearman_vs_bf16_eval"] = M.spearman(eval_scores["bf16"], eval_scores[p])
@@ -218,9 +218,11 @@ def check_inputs(params: Params) -> None:
     for p in params.reward.precisions:
         modeling.require_policy(paths.ppo_dir(p), f"ppo@{p}")
         modeling.require_adapter(paths.reward_dir(p), f"reward@{p}")
-    splits = data.read_splits(params.data.sizes, "eval_prompts", "rm_test")
+    data.read_splits(params.data.sizes, "eval_prompts")
+    test = data.read_labelled(params.data.sizes, "rm_test")["rm_test"]
     for p in params.reward.precisions:
-        read_rm_test_scores(p, len(splits["rm_test"]))
+        read_rm_test_scores(p, len(test))
+    require_judge()
 
 
 def _check_length(max_positions: int | None, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
@@ -302,10 +304,10 @@ def run_evaluation(params: Params, device: Device, *, progress: bool = True) -> 
     prompts = tokenize_prompts(tokenizer, records)
     sampling = sampling_params(params)
     chunk = params.ppo.logprob_chunk_size
-    gold_fn = gold_judge(params)
+    gold_fn = gold_judge(params, device)
     log.info("evaluate: %d eval prompts, sampling T=%g top_k=%d top_p=%g, %d new tokens, seed %d; gold judge: %s",
              len(prompts), sampling.temperature, sampling.top_k, sampling.top_p, sampling.response_length,
-             params.seed, "rules (synthetic task)" if gold_fn else f"none for data.source={params.data.source}")
+             params.seed, describe(read_info()))
 
     gens = generate_all(params, device, tokenizer, prompts, sampling, progress)
     names = list(gens)
@@ -320,7 +322,10 @@ def run_evaluation(params: Params, device: Device, *, progress: bool = True) -> 
         del rm
         _free()
 
-    gold = {n: [float(g) for g in gold_fn(prompt_texts, gens[n].responses)] for n in names} if gold_fn else None
+    gold = None
+    if gold_fn is not None:  # one pass over every policy's responses: a model judge is loaded once, then freed
+        flat = [float(g) for g in gold_fn(prompt_texts * len(names), [r for n in names for r in gens[n].responses])]
+        gold = {n: flat[i * len(prompts):(i + 1) * len(prompts)] for i, n in enumerate(names)}
     sft_rm = "bf16" if "bf16" in precisions else precisions[0]
     result: dict[str, Any] = {}
     for n in names:
@@ -329,7 +334,7 @@ def run_evaluation(params: Params, device: Device, *, progress: bool = True) -> 
                                    gold[n] if gold else None, gold[SFT] if gold else None,
                                    proxy[own][SFT], params.eval.bootstrap_samples, params.seed)
 
-    test_records = data.read_split(paths.split_file("rm_test"))
+    test_records = data.read_labelled(params.data.sizes, "rm_test")["rm_test"]
     test_scores = {p: read_rm_test_scores(p, len(test_records)) for p in precisions}
     eval_scores = {p: [s for n in names for s in proxy[p][n]] for p in precisions}
     result.update(rm_agreement(test_scores, eval_scores))

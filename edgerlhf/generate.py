@@ -284,12 +284,28 @@ def answer_all(policies: PolicySet, names: Sequence[str], prompts: Sequence[str]
                     i = start + k
                     mask = ro.response_mask[k].bool()
                     text = tok.decode(ro.response[k][mask].tolist(), skip_special_tokens=True)
+                    scores = {key: round(v[k], 4) for key, v in rm_scores.items()}
                     answers[i].append(Answer(name, prompts[i], dialogues[i], text, int(mask.sum()),
-                                             bool(ro.has_eos[k]), {key: round(v[k], 4) for key, v in rm_scores.items()},
-                                             gold_score(gold, dialogues[i], text)))
+                                             bool(ro.has_eos[k]), scores))
                 bar.update(len(ro.response))
     bar.close()
+    add_gold(gold, [a for row in answers for a in row])
     return answers
+
+
+def add_gold(gold: Any, answers: Sequence[Answer]) -> None:
+    """Each answer's gold score, in one judge pass (a model judge is loaded once); where that pass refuses a
+    dialogue (a rules judge on a question outside its task, a --raw prompt that is not a dialogue), each answer is
+    scored alone and the refused ones get None."""
+    if gold is None or not answers:
+        return
+    try:
+        scores: list[float | None] = [round(float(g), 4) for g in gold([a.dialogue for a in answers],
+                                                                        [a.response for a in answers])]
+    except ValueError:
+        scores = [gold_score(gold, a.dialogue, a.response) for a in answers]
+    for a, g in zip(answers, scores):
+        a.gold = g
 
 
 def gold_score(gold: Any, dialogue: str, response: str) -> float | None:
@@ -434,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             rm = precisions.load_reward_model(root / paths.SFT_MERGED, adapter, p, device,
                                             params.model.trust_remote_code)
             scorers[f"rm@{p}"] = ppo.reward_model_score_fn(rm, pad, batch_size)
-        gold = gold_judge(params)
+        gold = gold_judge(params, device, root)
     answers = answer_all(policies, names, prompts, dialogues, sampling, batch_size, scorers, gold,
                          progress=args.file is not None)
     print_answers(answers, sys.stdout, args.jsonl, args.compare, list(scorers), gold is not None)

@@ -29,6 +29,14 @@ def decided_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> floa
     return float(np.mean(c[decided] > r[decided]))
 
 
+def choice_agreement(chosen_a: Sequence[float], rejected_a: Sequence[float], chosen_b: Sequence[float],
+                     rejected_b: Sequence[float]) -> float:
+    """Fraction of pairs on which two scorers prefer the same response (a tie is its own preference)."""
+    a = np.sign(np.asarray(chosen_a, float) - np.asarray(rejected_a, float))
+    b = np.sign(np.asarray(chosen_b, float) - np.asarray(rejected_b, float))
+    return float(np.mean(a == b))
+
+
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
     """ROC AUC = P(score of a random positive > score of a random negative), ties counted half (Mann-Whitney).
 

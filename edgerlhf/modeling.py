@@ -485,6 +485,6 @@ def pretrain_tiny(model: torch.nn.Module, tokenizer, texts: list[str], steps: in
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses

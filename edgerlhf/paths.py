@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 DATA = Path("data/prepared")
+LABELLED = Path("data/labelled")  # the judge stage: rm_train / rm_test with the labels the reward models learn
 MODELS = Path("models")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
@@ -16,10 +17,17 @@ BASE = MODELS / "base"
 SFT = MODELS / "sft"
 SFT_ADAPTER = SFT / "adapter"
 SFT_MERGED = SFT / "merged"
+JUDGE = MODELS / "judge"  # the gold judge: JUDGE_INFO, plus a sequence classifier for kinds model / trained
+JUDGE_INFO = JUDGE / "judge.json"
 
 
 def split_file(name: str) -> Path:
     return DATA / f"{name}.jsonl"
+
+
+def labelled_split(name: str) -> Path:
+    """rm_train / rm_test as the reward models learn them (data.labels: human copies, judge reorders)."""
+    return LABELLED / f"{name}.jsonl"
 
 
 def reward_dir(precision: str) -> Path:
@@ -39,11 +47,13 @@ def ppo_metrics(precision: str) -> Path:
 
 
 LENGTHS_METRICS = METRICS / "lengths.json"  # the check stage: token statistics of the splits
+JUDGE_METRICS = METRICS / "judge.json"
 EVAL_METRICS = METRICS / "eval.json"
 SAMPLES = REPORTS / "samples.jsonl"
 SUMMARY = REPORTS / "summary.md"
-CHART_GOLD_VS_KL = REPORTS / "gold_vs_kl.png"
-CHART_EVAL = REPORTS / "eval_comparison.png"
+CHARTS = REPORTS / "charts"  # one DVC out: gold_vs_kl.png is drawn only when there is a gold judge
+CHART_GOLD_VS_KL = CHARTS / "gold_vs_kl.png"
+CHART_EVAL = CHARTS / "eval_comparison.png"
 
 
 def ppo_eval_curve(precision: str) -> Path:

@@ -14,7 +14,7 @@ import yaml
 from edgerlhf import modeling, paths, ppo, precisions
 from edgerlhf.config import Params, to_dict
 from edgerlhf.distributed import SINGLE, Processes
-from edgerlhf.judge import gold_judge
+from edgerlhf.judge import describe, gold_judge, read_info
 from edgerlhf.modeling import Device
 
 log = logging.getLogger("edgerlhf")
@@ -98,12 +98,12 @@ def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, split
     score_fn = ppo.reward_model_score_fn(rm, tokenizer.pad_token_id, params.ppo.logprob_chunk_size)
     prompts = tokenize_prompts(tokenizer, splits["ppo_prompts"])
     eval_records = splits["eval_prompts"]
-    gold = gold_judge(params)
+    gold = gold_judge(params, device)  # a model judge is loaded only for each evaluation pass
     trainable, total = modeling.count_params(policy)
     per_update = params.ppo.batch_size * procs.world_size
     log.info("PPO: %d prompts, %d updates of %d episodes (%s), %d trainable params (LoRA r=%d + value head), "
              "gold judge: %s", len(prompts), params.ppo.total_episodes // per_update, per_update, procs.describe(),
-             trainable, params.ppo.lora_r, "rules" if gold else "none")
+             trainable, params.ppo.lora_r, describe(read_info()))
     evaluator = (ppo.Evaluator(gold, tokenize_prompts(tokenizer, eval_records), tokenizer, params.seed + 1)
                  if gold else None)
     result = ppo.train_ppo(policy, tokenizer, prompts, score_fn, params.ppo, device=device.torch_device,

@@ -10,7 +10,7 @@ import torch
 
 from edgerlhf import metrics as M
 from edgerlhf import modeling, precisions, resume, truncation
-from edgerlhf.config import Params
+from edgerlhf.config import LoraParams, Params, RewardTraining
 from edgerlhf.errors import DataError
 from edgerlhf.modeling import Device
 
@@ -73,17 +73,22 @@ def adapter_size_mb(adapter_dir: Path) -> float:
 
 
 def train_reward(params: Params, sft_dir: Path, precision: str, train_records: list[dict],
-                 test_records: list[dict], out_dir: Path, work_dir: Path, device: Device) -> tuple[dict, list[dict],
-                                                                                                      dict]:
+                 test_records: list[dict], out_dir: Path, work_dir: Path, device: Device, name: str = "",
+                 training: RewardTraining | None = None, lora: LoraParams | None = None
+                 ) -> tuple[dict, list[dict], dict]:
     """Train the reward model at `precision`; save its adapter (+ score head) and tokenizer into `out_dir`.
 
     Returns (metrics, per-step log, rm_test scores). Pairs too long for reward.max_length are dropped and
     counted (`train_pairs_too_long`), never silently. Checkpoints every reward.checkpoint_every steps into
-    `work_dir` and resumes from the newest one found there (the caller claims it: `resume.claim`)."""
+    `work_dir` and resumes from the newest one found there (the caller claims it: `resume.claim`). `name`: what
+    the logs call the model (default reward@<precision>); `training` / `lora`: another recipe than params.reward /
+    params.lora (the trained gold judge's)."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
-    rp = params.reward
+    rp = training or params.reward
+    lp = lora or params.lora
+    name = name or f"reward@{precision}"
     trust = params.model.trust_remote_code
     tokenizer = modeling.load_tokenizer(sft_dir, trust)
     # Token ids first (cheap): the same fitting for training and scoring; an rm_test pair that cannot be scored
@@ -97,22 +102,22 @@ def train_reward(params: Params, sft_dir: Path, precision: str, train_records: l
         raise DataError(f"no rm_train pair fits reward.max_length={rp.max_length} tokens with two different "
                         "responses: raise reward.max_length (dvc repro check names the length needed)")
     if train_counts.truncated or train_counts.dropped_too_long or train_counts.identical:
-        log.warning("reward@%s: of %d training pairs, %d had the prompt cut from the left to fit reward.max_length=%d, "
+        log.warning("%s: of %d training pairs, %d had the prompt cut from the left to fit reward.max_length=%d, "
                     "%d were dropped (a response alone is longer), %d were dropped as identical after truncation",
-                    precision, train_counts.records, train_counts.truncated, rp.max_length,
+                    name, train_counts.records, train_counts.truncated, rp.max_length,
                     train_counts.dropped_too_long, train_counts.identical)
     if test_counts.identical:
-        log.warning("reward@%s: %d of %d rm_test pairs are identical token sequences after truncation to "
-                    "reward.max_length=%d (a data problem: they can only tie)", precision, test_counts.identical,
+        log.warning("%s: %d of %d rm_test pairs are identical token sequences after truncation to "
+                    "reward.max_length=%d (a data problem: they can only tie)", name, test_counts.identical,
                     test_counts.records, rp.max_length)
     model = precisions.load_reward_base(sft_dir, precision, device, trust)
     quantized = precisions.is_quantized(model, precision)
     if precision != "bf16" and not quantized:
-        raise RuntimeError(f"reward@{precision}: the loaded model has no bitsandbytes {precision} layers")
+        raise RuntimeError(f"{name}: the loaded model has no bitsandbytes {precision} layers")
     memory_mb = modeling.model_memory_mb(model)
-    log.info("reward@%s: %s, quantized=%s, footprint %.1f MiB", precision, device.describe(), quantized, memory_mb)
-    targets = modeling.lora_targets(model, params.lora.target_modules)
-    lora = modeling.lora_config(model, "SEQ_CLS", params.lora.r, params.lora.alpha, params.lora.dropout, targets,
+    log.info("%s: %s, quantized=%s, footprint %.1f MiB", name, device.describe(), quantized, memory_mb)
+    targets = modeling.lora_targets(model, lp.target_modules)
+    peft_config = modeling.lora_config(model, "SEQ_CLS", lp.r, lp.alpha, lp.dropout, targets,
                                 modules_to_save=["score"])
     args = RewardConfig(
         output_dir=str(work_dir), seed=params.seed, data_seed=params.seed,
@@ -125,15 +130,15 @@ def train_reward(params: Params, sft_dir: Path, precision: str, train_records: l
         gradient_checkpointing_kwargs={"use_reentrant": False} if rp.gradient_checkpointing else None,
         logging_steps=rp.logging_steps, eval_strategy="no", report_to=[], dataloader_num_workers=0,
         **resume.trainer_save_args(rp.checkpoint_every), **modeling.trainer_precision_kwargs(device))
-    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora,
+    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
                             train_dataset=Dataset.from_list(kept), callbacks=resume.trainer_callbacks())
     modeling.align_trainable_dtype(trainer.model, torch.float32)
     trainable, total = modeling.count_params(trainer.model)
-    log.info("reward@%s: %d pairs, LoRA r=%d + score head, %d of %d params trainable",
-             precision, len(kept), params.lora.r, trainable, total)
+    log.info("%s: %d pairs, LoRA r=%d + score head, %d of %d params trainable",
+             name, len(kept), lp.r, trainable, total)
     checkpoint = resume.last_trainer_checkpoint(work_dir) if rp.checkpoint_every else None
     if checkpoint is not None:
-        log.info("reward@%s: resuming from %s", precision, checkpoint)
+        log.info("%s: resuming from %s", name, checkpoint)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     chosen, rejected = score_fits(trainer.model, tokenizer, test_fitted, rp.eval_batch_size, device)
@@ -155,6 +160,6 @@ def train_reward(params: Params, sft_dir: Path, precision: str, train_records: l
     }
     steps = [{"step": e["step"], "loss": e["loss"], "accuracy": e.get("accuracy", 0.0)}
              for e in trainer.state.log_history if "loss" in e]
-    log.info("reward@%s: rm_test accuracy %.3f, auc %.3f, ece %.3f", precision, metrics["accuracy"],
+    log.info("%s: rm_test accuracy %.3f, auc %.3f, ece %.3f", name, metrics["accuracy"],
              metrics["auc"], metrics["ece"])
     return metrics, steps, {"chosen": chosen, "rejected": rejected}

@@ -93,6 +93,7 @@ def metric_rows(metrics_dir: Path) -> list[list]:
 
 SUMMARY_KEYS = {
     "data.json": ["sft_train_count", "rm_train_count", "rm_test_count", "skipped"],
+    "judge.json": ["accuracy_vs_human", "agreement_with_rules", "flipped_rm_train"],
     "lengths.json": ["ppo_prompts.prompt_tokens_max", "rm_train.sequence_tokens_max"],
     "sft.json": ["base_eval_loss", "eval_loss", "eval_perplexity", "train_loss", "wall_time_s"],
     "reward/": ["accuracy", "auc", "ece", "mean_margin", "model_memory_mb", "adapter_size_mb", "wall_time_s"],

@@ -1,6 +1,6 @@
 """Stage `ppo@P`: PPO of the SFT policy against the reward model of precision P (our own PPO, edgerlhf.ppo)."""
 
-from edgerlhf import data, distributed, modeling, paths, resume
+from edgerlhf import data, distributed, judge, modeling, paths, resume
 from edgerlhf.config import load_precision_stage
 from edgerlhf.ppo_stage import run_ppo
 from edgerlhf.runtime import Timer, log, run_stage, write_csv, write_json
@@ -13,13 +13,14 @@ def main() -> None:
     modeling.require_model(paths.SFT_MERGED, "sft")
     modeling.require_adapter(paths.reward_dir(precision), f"reward@{precision}")
     splits = data.read_splits(params.data.sizes, "ppo_prompts", "eval_prompts")
+    judge.require_judge()  # the periodic gold evaluation's judge
     procs, device = distributed.start_stage(params)
     log.info("policy %s, reward model %s at %s, device %s, %s", paths.SFT_MERGED, paths.reward_dir(precision),
              precision, device.describe(), procs.describe())
     curves, eval_curves = paths.PLOTS / "ppo" / f"{precision}.csv", paths.PLOTS / "ppo_eval" / f"{precision}.csv"
     timer = Timer()
     stage = f"ppo@{precision}"
-    inputs = [paths.SFT_MERGED, paths.reward_dir(precision), paths.split_file("ppo_prompts"),
+    inputs = [paths.SFT_MERGED, paths.reward_dir(precision), paths.JUDGE, paths.split_file("ppo_prompts"),
               paths.split_file("eval_prompts")]
     fp = resume.fingerprint(stage, params, inputs)
     work = resume.claim(resume.work_dir(stage), fp, procs)

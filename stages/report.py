@@ -1,4 +1,5 @@
-"""Stage `report`: reports/summary.md (tabulate tables + a verdict from the numbers) and PNG charts."""
+"""Stage `report`: reports/summary.md (tabulate tables + a verdict from the numbers) and PNG charts in
+reports/charts (gold_vs_kl.png only when there is a gold judge)."""
 
 from pathlib import Path
 
@@ -10,11 +11,14 @@ from edgerlhf.runtime import log, run_stage
 
 def main() -> None:
     params = load_params()
-    log.info("report for precisions %s, data source %s", ",".join(params.reward.precisions), params.data.source)
-    # Every metrics file is read first; each output is then written atomically (a failure keeps the old ones).
-    run = load_run(Path("."), params.reward.precisions, params.data.source, params.eval.judge)
+    log.info("report for precisions %s, data source %s, labels %s", ",".join(params.reward.precisions),
+             params.data.source, params.data.labels)
+    # Every metrics file (and the judge stage's judge.json) is read first; each output is then written atomically
+    # (a failure keeps the old ones).
+    run = load_run(Path("."), params.reward.precisions, params.data.source, params.data.labels)
     write_report(run, paths.METRICS, paths.REPORTS)
-    log.info("wrote %s, %s, %s", paths.SUMMARY, paths.CHART_GOLD_VS_KL, paths.CHART_EVAL)
+    charts = [paths.CHART_EVAL] + ([paths.CHART_GOLD_VS_KL] if run.has_gold else [])
+    log.info("wrote %s, %s", paths.SUMMARY, ", ".join(str(c) for c in charts))
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ def main() -> None:
     # Inputs first (safetensors only, every split record): a bad one fails here and the previous outputs stay;
     # the new ones replace them only on success (distributed.output_dir, atomic write_json/write_csv).
     modeling.require_model(paths.SFT_MERGED, "sft")
-    splits = data.read_splits(params.data.sizes, "rm_train", "rm_test")
+    splits = data.read_labelled(params.data.sizes, "rm_train", "rm_test")  # data.labels applied by `judge`
     procs, device = distributed.start_stage(params)
     log.info("model %s, precision %s, device %s, %s", paths.SFT_MERGED, precision, device.describe(),
              procs.describe())
     timer = Timer()
     stage = f"reward@{precision}"
-    inputs = [paths.SFT_MERGED, paths.split_file("rm_train"), paths.split_file("rm_test")]
+    inputs = [paths.SFT_MERGED, paths.labelled_split("rm_train"), paths.labelled_split("rm_test")]
     work = resume.claim(resume.work_dir(stage), resume.fingerprint(stage, params, inputs), procs)
     train, test = splits["rm_train"], splits["rm_test"]
     with distributed.output_dir(paths.reward_dir(precision), procs) as out:

@@ -56,14 +56,39 @@ def test_defaults_equal_committed_file():
     ({"hardware": {"vram_budget_gb": float("nan")}}, "hardware.vram_budget_gb must be finite"),
     ({"sft": {"checkpoint_every": 25}}, "sft.checkpoint_every (25) must be a multiple of sft.logging_steps (10)"),
     ({"ppo": {"checkpoint_every": -1}}, "ppo.checkpoint_every must be >= 0"),
-    ({"eval": {"judge": "nonsense"}}, "eval.judge must be one of 'auto', 'rules', 'none'"),
+    ({"eval": {"judge": "nonsense"}}, "eval.judge must be one of 'auto', 'rules', 'model', 'trained', 'none'"),
     ({"eval": {"judge": "rules"}}, "eval.judge: rules is the synthetic task's scorer; data.source hub has no rules"),
+    ({"eval": {"judge": "rules"}, "data": {"source": "jsonl"}}, "data.source jsonl has no rules"),
+    ({"eval": {"judge": "trained"}}, "set data.sizes.judge_train (now 0)"),
+    ({"eval": {"judge": "trained"}, "data": {"sizes": {"judge_train": 1}}}, "set data.sizes.judge_train (now 1)"),
+    ({"data": {"labels": "judge"}, "eval": {"judge": "none"}},
+     "data.labels: judge orders the reward-model pairs by the gold judge, and eval.judge is none"),
+    ({"data": {"labels": "gold"}}, "data.labels must be one of 'human', 'judge'"),
+    ({"eval": {"judge_source": "web"}}, "eval.judge_source must be one of 'hub', 'local'"),
+    ({"eval": {"judge_path": " "}}, "eval.judge_path must be set"),
+    ({"eval": {"judge_max_length": 8}}, "eval.judge_max_length must be >= 16"),
+    ({"eval": {"judge_batch_size": 0}}, "eval.judge_batch_size must be >= 1"),
+    ({"eval": {"judge_trust_remote_code": "no"}}, "eval.judge_trust_remote_code must be true or false"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as exc:
         parse_params(deep_merge(committed(), override))
     assert message in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("override", [
+    {"eval": {"judge": "rules"}, "data": {"source": "synthetic", "labels": "judge"}},
+    {"eval": {"judge": "model", "judge_source": "local", "judge_path": "models/local/judge"},
+     "data": {"labels": "judge"}},
+    {"eval": {"judge": "trained"}, "data": {"sizes": {"judge_train": 2}}},
+    {"eval": {"judge": "auto"}, "data": {"labels": "judge"}},
+    {"eval": {"judge": "none"}},
+])
+def test_judge_settings_that_are_valid(override):
+    p = parse_params(deep_merge(committed(), override))
+    assert p.eval.judge == override["eval"]["judge"]
+    assert p.data.labels == override.get("data", {}).get("labels", "human")
 
 
 def test_stage_exits_2_with_one_line_and_writes_nothing(tmp_path):

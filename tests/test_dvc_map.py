@@ -121,7 +121,7 @@ def test_split_lists_partition_the_splits():
 
 # The inputs a stage reads from outside the pipeline, as dvc.yaml templates them from params: editing the file or
 # folder reruns exactly the stage that reads it (and what follows). No other stage lists them.
-INPUT_DEPS = {"prepare": "${data.jsonl_path}", "base": "${model.local_path}"}
+INPUT_DEPS = {"prepare": "${data.jsonl_path}", "base": "${model.local_path}", "judge": "${eval.judge_path}"}
 
 
 def test_local_inputs_are_deps_of_exactly_the_stages_that_read_them():

@@ -17,6 +17,7 @@ from edgerlhf import metrics as M
 from edgerlhf import ppo
 from edgerlhf import report as R
 from edgerlhf.config import PPOParams, parse_params
+from edgerlhf.judge import KINDS, describe
 
 PRECISIONS = ["bf16", "int8", "int4"]
 
@@ -100,8 +101,8 @@ def test_sampling_params_take_the_eval_settings():
 
 def test_choice_agreement_hand_values():
     # pairs: bf16 prefers c, c, r, tie; int8 prefers c, r, r, c -> agree on pairs 1 and 3 -> 0.5
-    assert E.choice_agreement([2, 2, 0, 1], [1, 1, 1, 1], [3, 0, 0, 2], [1, 1, 1, 1]) == 0.5
-    assert E.choice_agreement([1, 1], [1, 0], [5, 5], [5, 0]) == 1.0  # a tie agrees with a tie
+    assert M.choice_agreement([2, 2, 0, 1], [1, 1, 1, 1], [3, 0, 0, 2], [1, 1, 1, 1]) == 0.5
+    assert M.choice_agreement([1, 1], [1, 0], [5, 5], [5, 0]) == 1.0  # a tie agrees with a tie
 
 
 def test_rm_agreement_hand_values_and_constant_scores():
@@ -132,13 +133,26 @@ def test_policy_metrics_hand_values():
     assert m["gold_gain_vs_sft"] == 0.0 and m["gold_gain_per_kl"] == 0.0 and m["proxy_gain_vs_sft"] == 0.5
     no_gold = E.policy_metrics("sft", gens, proxy, "bf16", None, None, proxy["bf16"], 200, 0)
     assert not any(k.startswith(("gold", "win")) for k in no_gold)
+    assert m["empty_response_fraction"] == 0.0 == no_gold["empty_response_fraction"]
+
+
+def test_empty_response_fraction_counts_empty_and_whitespace_responses():
+    # an EOS alone decodes to "" (1 token); whitespace-only text is empty too; a lone "0" is not
+    gens = E.Generations(rollouts=[], responses=["", "  \n\t", "ok", " 0 ", ""], tokens=[1, 3, 2, 3, 1],
+                         has_eos=[True] * 5, kl=[0.0] * 5)
+    m = E.policy_metrics("sft", gens, {"bf16": [0.0] * 5}, "bf16", None, None, None, 10, 0)
+    assert m["empty_response_fraction"] == 0.6
+    assert E.empty_response_fraction(["a", "b"]) == 0.0 and E.empty_response_fraction([" "]) == 1.0
+    assert E.empty_response_fraction([]) == 0.0
 
 
 # --------------------------------------------------------------------------- report, hand-made metrics
 
 
-def _fake_run(tmp_path: Path, gold: bool = True, bf16_gold: float = 1.2) -> R.RunMetrics:
-    """A metrics/ tree of a made-up run: bf16 PPO at `bf16_gold`, int8 hacks its RM (proxy up, gold down)."""
+def _fake_run(tmp_path: Path, gold: bool = True, bf16_gold: float = 1.2, labels: str = "human",
+              judge: dict | None = None, judge_metrics: dict | None = None) -> R.RunMetrics:
+    """A metrics/ tree of a made-up run: bf16 PPO at `bf16_gold`, int8 hacks its RM (proxy up, gold down). The judge
+    stage's files: `judge` (models/judge/judge.json; rules with gold, none without) and `judge_metrics`."""
     ev = {"prompts": 64, "bootstrap_samples": 1000, "interval_level_pct": 95, "wall_time_s": 3.5,
           "peak_vram_gb": 0.0}
     sft = {"proxy_reward": 1.9, "proxy_bf16": 1.9, "proxy_int8": 2.2, "kl_to_sft": 0.0, "response_tokens": 12.5}
@@ -158,7 +172,8 @@ def _fake_run(tmp_path: Path, gold: bool = True, bf16_gold: float = 1.2) -> R.Ru
               rm_int8={"spearman_vs_bf16": 0.88, "choice_agreement_vs_bf16": 0.92, "spearman_vs_bf16_eval": 0.69})
     m = tmp_path / "metrics"
     files = {
-        "data.json": {"sft_train_count": 1000, "rm_test_count": 500, "sft_train_mean_prompt_chars": 48.1,
+        "data.json": {"sft_train_count": 1000, "rm_train_count": 400, "rm_test_count": 500,
+                      "sft_train_mean_prompt_chars": 48.1,
                       "sft_train_mean_chosen_chars": 34.7, "sft_train_mean_rejected_chars": 34.4,
                       "rm_test_mean_prompt_chars": 48.2, "rm_test_mean_chosen_chars": 34.2,
                       "rm_test_mean_rejected_chars": 35.0, "skipped": 0},
@@ -181,14 +196,23 @@ def _fake_run(tmp_path: Path, gold: bool = True, bf16_gold: float = 1.2) -> R.Ru
                                       eval_proxy_end=2.48)
         files["ppo/int8.json"].update(eval_gold_start=1.33, eval_gold_end=-0.17, eval_proxy_start=2.37,
                                       eval_proxy_end=3.69)
+    if judge_metrics is None:
+        judge_metrics = {"rm_test_pairs": 500, "accuracy_vs_human": 1.0, "tie_fraction": 0.0} if gold else \
+            {"rm_test_pairs": 500}
+    files["judge.json"] = {**judge_metrics, "wall_time_s": 0.4}
     for rel, obj in files.items():
         (m / rel).parent.mkdir(parents=True, exist_ok=True)
         (m / rel).write_text(json.dumps(obj))
+    info = tmp_path / "models/judge/judge.json"
+    info.parent.mkdir(parents=True, exist_ok=True)
+    judge = judge if judge is not None else {"kind": "rules" if gold else "none"}
+    # as the judge stage writes it: with the description the report prints (judge.describe)
+    info.write_text(json.dumps({**judge, "description": describe(judge)} if judge.get("kind") in KINDS else judge))
     curves = tmp_path / "plots" / "ppo_eval"
-    curves.mkdir(parents=True)
+    curves.mkdir(parents=True, exist_ok=True)
     (curves / "bf16.csv").write_text("update,kl,gold,proxy\n0,0.0,1.33,1.83\n20,1.57,1.69,2.48\n")
     (curves / "int8.csv").write_text("update,kl,gold,proxy\n0,0.0,1.33,2.37\n20,4.5,-0.17,3.69\n")
-    return R.load_run(tmp_path, ["bf16", "int8"], "synthetic" if gold else "hub", "auto")
+    return R.load_run(tmp_path, ["bf16", "int8"], "synthetic" if gold else "hub", labels)
 
 
 def test_number_tokens_skip_identifiers():
@@ -208,9 +232,10 @@ def test_summary_numbers_come_from_metrics_and_verdict_flags_hacking(tmp_path):
     assert "No reward hacking (proxy up while gold down) at: bf16" in text
     assert "Best gold reward per unit of KL: the **bf16**" in text
     assert "clear improvement" in text and "did not beat" not in text
-    assert (tmp_path / "reports/gold_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "reports/eval_comparison.png").read_bytes()[:4] == b"\x89PNG"
-    assert "](gold_vs_kl.png)" in text and "](eval_comparison.png)" in text
+    assert (tmp_path / "reports/charts/gold_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "reports/charts/eval_comparison.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](charts/gold_vs_kl.png)" in text and "](charts/eval_comparison.png)" in text
+    assert "Gold judge: the synthetic task's rule scorer" in text and "outside referee" in text
 
 
 def test_verdict_says_plainly_when_bf16_does_not_beat_sft(tmp_path):
@@ -229,8 +254,9 @@ def test_verdict_says_plainly_when_bf16_does_not_beat_sft(tmp_path):
 def test_report_without_gold_judge_says_so(tmp_path):
     run = _fake_run(tmp_path, gold=False)
     text = R.write_report(run, tmp_path / "metrics", tmp_path / "reports")
-    assert "No gold judge is available for data.source=hub" in text
+    assert "**No gold judge: eval.judge none**" in text and "eval.judge: model" in text
     assert "gold reward [lo, hi]" not in R.eval_table(run.eval, run.precisions)
+    assert not (tmp_path / "reports/charts/gold_vs_kl.png").exists() and "gold_vs_kl" not in text
     assert R.unsupported_numbers(text, R.metric_values(tmp_path / "metrics")) == []
 
 
@@ -306,6 +332,8 @@ def test_eval_metrics_recompute_from_samples(run):
             M.bootstrap_ci(col[n]["gold"], ev["bootstrap_samples"], seed), abs=1e-6)
         assert m["kl_to_sft"] == pytest.approx(np.mean(col[n]["kl_to_sft"]), abs=1e-6)
         assert m["response_tokens"] == pytest.approx(np.mean(col[n]["response_tokens"]), abs=1e-6)
+        assert m["empty_response_fraction"] == pytest.approx(
+            np.mean([not r["responses"][n].strip() for r in rows]), abs=1e-6)
         for p in PRECISIONS:
             assert m[f"proxy_{p}"] == pytest.approx(np.mean([r["proxy"][p][n] for r in rows]), abs=1e-6)
     # the gold judge on the stored texts gives the stored gold scores
@@ -346,7 +374,7 @@ def test_summary_has_only_metrics_numbers_and_answers_the_question(run):
                     "## Reward models", "## PPO runs"):
         assert section in text
     for png in ("gold_vs_kl.png", "eval_comparison.png"):
-        assert f"]({png})" in text and (run / "reports" / png).read_bytes()[:4] == b"\x89PNG"
+        assert f"](charts/{png})" in text and (run / "reports/charts" / png).read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow

@@ -200,7 +200,7 @@ def test_summary_reports_ties_and_identical_pairs(tmp_path):
              test_pairs=100, train_truncated=288, test_truncated=97, train_dropped_too_long=3,
              train_identical_after_truncation=5)
     path.write_text(json.dumps(m))
-    run = R.load_run(tmp_path, ["bf16", "int8"], "synthetic", "auto")
+    run = R.load_run(tmp_path, ["bf16", "int8"], "synthetic", "human")
     text = R.write_report(run, tmp_path / "metrics", tmp_path / "reports")
     assert R.unsupported_numbers(text, R.metric_values(tmp_path / "metrics")) == []
     verdict = text.split("## Verdict")[1].split("##")[0]
