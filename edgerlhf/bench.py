@@ -16,7 +16,12 @@ reward models are quantized by bitsandbytes exactly as the reward stage does. Pe
   log-probs, RM), one minibatch update with the clipped losses; the memory breakdown (base weights, adapters,
   optimizer state, gradients, activations, RM);
 - the same PPO measurement with a separate full reference copy instead of the disabled adapter: the memory the
-  shared-backbone design saves.
+  shared-backbone design saves;
+- ppo@P's periodic gold evaluation: with PPO's models still loaded (after the update, as in the real stage), one
+  scoring pass of the gold judge through `edgerlhf.judge.ModelJudge` itself (load, tokenize with its chat
+  template, score in batches of eval.judge_batch_size, free) on a random-initialised 1-logit Qwen3 sequence
+  classifier of the default judge's shape (Skywork-Reward-V2-Qwen3-0.6B; reduced on CPU): its load+score time,
+  the pass's peak VRAM and whether the stage's peak with it stays under hardware.vram_budget_gb.
 
 Peak VRAM is `torch.cuda.max_memory_allocated` under the `hardware.vram_budget_gb` cap (0.0 on CPU). A
 measurement that runs out of memory under the cap is recorded with `oom: 1` and the peak it reached; the run
@@ -45,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from edgerlhf import modeling, ppo, precisions, runtime
-from edgerlhf.config import PRECISIONS, HardwareParams, Params, load_params
+from edgerlhf.config import DEFAULT_JUDGE, PRECISIONS, HardwareParams, Params, load_params
 from edgerlhf.modeling import Device
 
 log = logging.getLogger("edgerlhf")
@@ -72,6 +77,7 @@ class ShapeSpec:
     vocab: int
     max_positions: int
     eos_token_id: int
+    head_dim: int = 0  # per attention head; 0: hidden / n_head (Qwen3 sets it apart: 16 x 128 > 1024 dims)
 
     @property
     def key(self) -> str:
@@ -80,16 +86,18 @@ class ShapeSpec:
 
     def reduced(self) -> ShapeSpec:
         """A CPU-sized model of the same architecture: 2 layers, 128 dims, 4 heads (grouped-query attention kept
-        as 4 query / 2 key-value heads where the shape has it), the MLP/hidden ratio kept, a 4096-token vocabulary."""
+        as 4 query / 2 key-value heads where the shape has it), the MLP/hidden ratio kept, a 4096-token vocabulary;
+        an explicit head_dim keeps its ratio of attention width (heads x head_dim) to hidden size."""
         hidden, n_head = 128, 4
         n_kv = n_head if self.n_kv_head == self.n_head else 2
         inter = max(64, round(self.intermediate / self.hidden * hidden / 64) * 64)
+        head_dim = round(self.head_dim * self.n_head / self.hidden * hidden / n_head) if self.head_dim else 0
         return replace(self, n_layer=2, hidden=hidden, n_head=n_head, n_kv_head=n_kv, intermediate=inter,
-                       vocab=4096, max_positions=256, eos_token_id=4095)
+                       vocab=4096, max_positions=256, eos_token_id=4095, head_dim=head_dim)
 
     def config(self) -> Any:
         """The transformers config of this shape (pad = eos, as in the GPT-2 family and Qwen's base tokenizer)."""
-        from transformers import GPT2Config, Qwen2Config
+        from transformers import GPT2Config, Qwen2Config, Qwen3Config
 
         ids = {"bos_token_id": self.eos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.eos_token_id}
         if self.arch == "gpt2":
@@ -101,12 +109,19 @@ class ShapeSpec:
                                num_key_value_heads=self.n_kv_head, max_position_embeddings=self.max_positions,
                                tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6, use_sliding_window=False,
                                **ids)
+        if self.arch == "qwen3":
+            return Qwen3Config(vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
+                               num_hidden_layers=self.n_layer, num_attention_heads=self.n_head,
+                               num_key_value_heads=self.n_kv_head, head_dim=self.head_dim or self.hidden // self.n_head,
+                               max_position_embeddings=self.max_positions, tie_word_embeddings=True, rope_theta=1e6,
+                               rms_norm_eps=1e-6, use_sliding_window=False, **ids)
         raise ValueError(f"unknown arch {self.arch!r}")
 
     def numbers(self) -> dict[str, int]:
         """The shape as numbers for bench.json."""
         return {"n_layer": self.n_layer, "hidden": self.hidden, "n_head": self.n_head, "n_kv_head": self.n_kv_head,
-                "intermediate": self.intermediate, "vocab": self.vocab, "max_positions": self.max_positions}
+                "intermediate": self.intermediate, "vocab": self.vocab, "max_positions": self.max_positions,
+                "head_dim": self.head_dim or self.hidden // self.n_head}
 
 
 SHAPES: dict[str, ShapeSpec] = {
@@ -118,13 +133,22 @@ SHAPES: dict[str, ShapeSpec] = {
                               intermediate=4864, vocab=151936, max_positions=32768, eos_token_id=151643),
 }
 
+# The default gold judge (eval.judge_model, Skywork/Skywork-Reward-V2-Qwen3-0.6B): a Qwen3ForSequenceClassification
+# with one score output at the Qwen3-0.6B shape: 28 layers, 1024 dims, GQA 16 query / 8 key-value heads of 128
+# dims, MLP 3072, tied embeddings, <|im_end|> = 151645. Random-initialised like the policy shapes.
+JUDGE_SHAPE = ShapeSpec("skywork-reward-v2-qwen3-0.6b", "qwen3", n_layer=28, hidden=1024, n_head=16, n_kv_head=8,
+                        intermediate=3072, vocab=151936, max_positions=40960, eos_token_id=151645, head_dim=128)
+
 
 @dataclass(frozen=True)
 class Workload:
     """Batch sizes and sequence lengths of the measurements. Full size: those of the params (params.yaml, the
     real profile: the seed's batch sizes, max_length 512, PPO batch 32 / micro-batch 2 / response 64) and a PPO
     prompt of 128 tokens (HH-RLHF prompts are capped at data.max_prompt_chars = 1024 characters, roughly 250
-    tokens; most are far shorter). Reduced: small fixed sizes for CPU."""
+    tokens; most are far shorter). The gold-evaluation pass scores ppo.eval_prompts dialogues in batches of
+    eval.judge_batch_size, cut to eval.judge_max_length, whose prompts spread from a quarter of judge_prompt_len up
+    to it (data.max_prompt_chars / 4 tokens: the longest prompt the data keeps) and whose responses are
+    response_len tokens. Reduced: small fixed sizes for CPU."""
 
     sft_batch: int
     sft_seq: int
@@ -139,6 +163,10 @@ class Workload:
     ppo_accum: int
     ppo_epochs: int
     logprob_chunk: int
+    eval_prompts: int
+    judge_prompt_len: int
+    judge_batch: int
+    judge_max_length: int
 
     @classmethod
     def full(cls, params: Params) -> Workload:
@@ -147,13 +175,16 @@ class Workload:
                    rm_seq=params.reward.max_length, rm_accum=params.reward.gradient_accumulation_steps,
                    ppo_batch=params.ppo.batch_size, prompt_len=128, response_len=params.ppo.response_length,
                    ppo_mini_batch=params.ppo.mini_batch_size, ppo_accum=params.ppo.gradient_accumulation_steps,
-                   ppo_epochs=params.ppo.ppo_epochs, logprob_chunk=params.ppo.logprob_chunk_size)
+                   ppo_epochs=params.ppo.ppo_epochs, logprob_chunk=params.ppo.logprob_chunk_size,
+                   eval_prompts=params.ppo.eval_prompts, judge_prompt_len=max(4, params.data.max_prompt_chars // 4),
+                   judge_batch=params.eval.judge_batch_size, judge_max_length=params.eval.judge_max_length)
 
     @classmethod
     def reduced(cls, params: Params) -> Workload:
         return cls(sft_batch=2, sft_seq=64, sft_accum=1, rm_pairs=2, rm_seq=64, rm_accum=1, ppo_batch=8,
                    prompt_len=16, response_len=16, ppo_mini_batch=2, ppo_accum=2, ppo_epochs=params.ppo.ppo_epochs,
-                   logprob_chunk=params.ppo.logprob_chunk_size)
+                   logprob_chunk=params.ppo.logprob_chunk_size, eval_prompts=8, judge_prompt_len=32, judge_batch=4,
+                   judge_max_length=params.eval.judge_max_length)
 
     def ppo_params(self, params: Params) -> Any:
         """PPOParams of the benchmark: the real profile's, with this workload's batch and lengths."""
@@ -302,6 +333,7 @@ class Context:
     work: Workload
     steps: int
     seed: int
+    judge_dir: Path | None = None  # the random-init judge folder (build_judge); None: no gold-evaluation pass
 
     def generator(self, salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1000 + salt)
@@ -472,7 +504,9 @@ def measure_ppo(ctx: Context, precision: str, *, separate_reference: bool = Fals
     and optionally a separate reference copy; time `ppo.generate_responses` (the rollout) and `ppo.score_rollout`
     (log-prob/value, reference and RM forwards), then `ppo.compute_advantages` and `ppo.ppo_update` (untimed
     epochs over the batch until AdamW has its state, then timed epochs until at least ctx.steps minibatch steps
-    are taken; `update_steps_timed` says how many). Returns throughput, times and the memory breakdown."""
+    are taken; `update_steps_timed` says how many). With ctx.judge_dir (shared backbone only), one periodic
+    gold-evaluation pass follows with these models loaded (`measure_judge_pass`: `judge_pass`). Returns
+    throughput, times and the memory breakdown."""
     device, w = ctx.device, ctx.work
     pp = w.ppo_params(ctx.params)
     eos = pad = ctx.spec.eos_token_id
@@ -534,7 +568,7 @@ def measure_ppo(ctx: Context, precision: str, *, separate_reference: bool = Fals
         "rollout_transient_bytes": rollout_transient,
         "activations_measured": 1 if device.type == "cuda" else 0,
     })
-    peak = meter.peak()
+    peak = meter.peak()  # PPO's own steps; the gold-evaluation pass below is recorded apart, then combined
     update_est = gen_s + score_s + pp.ppo_epochs * per_epoch * update_s
     result = {
         "rollout_tokens_per_s": _round(response_tokens / gen_s, 2),
@@ -553,7 +587,125 @@ def measure_ppo(ctx: Context, precision: str, *, separate_reference: bool = Fals
         "rm_footprint_bytes": rm_footprint,
         "memory": memory,
     }
+    if ctx.judge_dir is not None and not separate_reference:
+        # the periodic gold evaluation happens between updates: policy, RM, AdamW state and the last batch stay
+        result["judge_pass"] = measure_judge_pass(ctx, meter, peak)
     return result
+
+
+JUDGE_WORDS = 4096  # the bench judge tokenizer's vocabulary (ids below every judge vocab: the reduced one is 4096)
+JUDGE_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                  "<|im_end|>\n{% endfor %}")  # ChatML, as Qwen3's template renders a finished dialogue
+
+
+def build_judge_tokenizer(out_dir: Path) -> Any:
+    """A word-level tokenizer with Qwen's ChatML specials and chat template, saved to `out_dir`: every word
+    "w<i>" is one token, so a dialogue's length in judge tokens is exact (a byte-level BPE trained here would
+    split random text unpredictably; the Qwen3 tokenizer cannot be downloaded). Ids stay below JUDGE_WORDS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    words = [*specials, "system", "user", "assistant"]
+    words += [f"w{i}" for i in range(JUDGE_WORDS - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+    fast.chat_template = JUDGE_TEMPLATE
+    fast.model_max_length = 1 << 20
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_judge(spec: ShapeSpec, out_dir: Path, seed: int) -> int:
+    """The gold judge at `spec`: a random-initialised (seeded) 1-logit sequence classifier saved as bf16
+    safetensors (as the hub's Skywork judge ships) with `build_judge_tokenizer`'s tokenizer, its special ids in
+    the config; checked as the judge stage checks a folder. Returns its parameter count."""
+    from transformers import AutoModelForSequenceClassification
+
+    from edgerlhf.judge import check_judge_folder
+
+    tok = build_judge_tokenizer(out_dir)
+    config = spec.config()
+    config.num_labels = 1
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = None, tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
+    total = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(out_dir, safe_serialization=True)
+    del model
+    gc.collect()
+    check_judge_folder(out_dir, "the benchmark's judge folder is incomplete")
+    return total
+
+
+def judge_dialogues(work: Workload, generator: torch.Generator) -> tuple[list[str], list[str]]:
+    """work.eval_prompts HH-format dialogues of the judge tokenizer's words (one token each): one-turn prompts
+    whose lengths spread evenly from a quarter of work.judge_prompt_len up to it, responses of work.response_len
+    tokens (a response that ran to ppo.response_length)."""
+    from edgerlhf.formats import ASSISTANT_MARKER, HUMAN_MARKER
+
+    n, top = work.eval_prompts, work.judge_prompt_len
+    low = max(1, top // 4)
+
+    def words(k: int) -> str:
+        return " ".join(f"w{i}" for i in torch.randint(0, JUDGE_WORDS - 8, (k,), generator=generator).tolist())
+
+    prompts = [f"{HUMAN_MARKER} {words(low + round((top - low) * i / max(1, n - 1)))}{ASSISTANT_MARKER}"
+               for i in range(n)]
+    return prompts, [" " + words(work.response_len) for _ in range(n)]
+
+
+def within_budget(peak: int, budget_gb: float, oom: int) -> int:
+    """1 if a measurement that peaked at `peak` bytes stays under `budget_gb` (and did not run out of memory),
+    0 if not; -1 when no cap applies (budget 0: CPU, or hardware.vram_budget_gb 0)."""
+    if budget_gb <= 0:
+        return -1
+    return int(not oom and peak / GIB <= budget_gb)
+
+
+def measure_judge_pass(ctx: Context, meter: PeakMeter, ppo_peak: int) -> dict[str, float]:
+    """One periodic gold-evaluation pass with PPO's models loaded: `edgerlhf.judge.ModelJudge` (the stage's own
+    judge: load from the folder in the judge dtype, encode with its chat template and left truncation, score in
+    batches, free) on `judge_dialogues`. Records its time (load + tokenize + score), the pass's peak VRAM
+    (everything allocated, PPO's models included), the stage's peak with it and whether that stays under
+    hardware.vram_budget_gb (-1: no cap applies, on CPU or with budget 0). A pass that runs out of memory under
+    the cap is recorded with oom 1 and does not fit."""
+    from edgerlhf.judge import ModelJudge, encode
+
+    device, w = ctx.device, ctx.work
+    prompts, responses = judge_dialogues(w, ctx.generator(5))
+    judge = ModelJudge(ctx.judge_dir, device, w.judge_batch, w.judge_max_length)
+    ids, _ = encode(judge.tokenizer, prompts, responses, w.judge_max_length)
+    meter.section()
+    oom, scores, seconds = 0, [], 0.0
+    try:
+        scores, seconds = timed(device, lambda: judge(prompts, responses))
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is recorded; anything else is re-raised
+        if not is_oom(exc):
+            raise
+        oom = 1
+        log.warning("bench: the gold-evaluation pass ran out of memory under the VRAM cap (peak %.2f GB)",
+                    peak_bytes(device) / GIB)
+    pass_peak = peak_bytes(device)
+    if not oom and (len(scores) != len(prompts) or not all(math.isfinite(x) for x in scores)):
+        raise RuntimeError(f"the judge returned {len(scores)} scores for {len(prompts)} dialogues, or non-finite ones")
+    stage_peak = max(ppo_peak, pass_peak)
+    within = within_budget(stage_peak, ctx.params.hardware.vram_budget_gb if device.type == "cuda" else 0.0, oom)
+    free_memory(device)
+    return {
+        "load_score_s": _round(seconds),
+        "dialogues": len(scores),
+        "tokens": sum(len(x) for x in ids),
+        "max_tokens": max(len(x) for x in ids),
+        "truncated": judge.truncated,
+        "pass_peak_vram_gb": _round(pass_peak / GIB),
+        "stage_peak_vram_gb": _round(stage_peak / GIB),
+        "within_budget": within,
+        "oom": oom,
+    }
 
 
 # =========================================================================== the run
@@ -603,13 +755,14 @@ def completed(result: dict) -> bool:
 
 
 def bench_shape(spec: ShapeSpec, device: Device, params: Params, work: Workload, precisions: Sequence[str],
-                steps: int, seed: int, workdir: Path) -> dict[str, Any]:
-    """Every measurement of one shape (see the module docstring)."""
+                steps: int, seed: int, workdir: Path, judge_dir: Path | None = None) -> dict[str, Any]:
+    """Every measurement of one shape (see the module docstring); `judge_dir`: the judge (`build_judge`) whose
+    gold-evaluation pass each shared-backbone PPO measurement includes."""
     base_dir = workdir / spec.key
     total = build_base(spec, base_dir, seed)
     log.info("bench: %s-shaped model, %.1f M params (%s)", spec.name, total / 1e6,
              ", ".join(f"{k}={v}" for k, v in spec.numbers().items()))
-    ctx = Context(spec, base_dir, device, params, work, steps, seed)
+    ctx = Context(spec, base_dir, device, params, work, steps, seed, judge_dir)
     out: dict[str, Any] = {"shape": {**spec.numbers(), "total_params": total}, "workload": asdict(work)}
     out["sft"] = _guard(device, f"{spec.name} sft", lambda: measure_sft(ctx))
     out["reward"] = {p: _guard(device, f"{spec.name} reward@{p}", lambda p=p: measure_reward(ctx, p))
@@ -655,11 +808,16 @@ def _peak(m: dict) -> str:
     return _num(m.get("peak_vram_gb"), ".3f") + status
 
 
+def _budget(within: int) -> str:
+    return {1: "yes", 0: "NO", -1: "n/a (no cap)"}.get(within, "-")
+
+
 def tables(results: dict[str, Any], shapes: Sequence[ShapeSpec]) -> str:
-    """Two tabulate tables: throughput and peak VRAM per stage, and the PPO memory breakdown."""
+    """Three tabulate tables: throughput and peak VRAM per stage, the PPO memory breakdown, and PPO with its
+    periodic gold evaluation (the judge pass)."""
     from tabulate import tabulate
 
-    speed, memory = [], []
+    speed, memory, gold = [], [], []
     for spec in shapes:
         r = results["shapes"][spec.key]
         sft = r["sft"]
@@ -684,6 +842,14 @@ def tables(results: dict[str, Any], shapes: Sequence[ShapeSpec]) -> str:
                            _mib(mem["reward_model_bytes"]), _mib(mem["static_bytes"]), _mib(sep.get("static_bytes")),
                            f"{_num(ref.get('shared_peak_vram_gb'), '.3f')} / "
                            f"{_num(ref.get('separate_peak_vram_gb'), '.3f')}"])
+        for p, m in r["ppo"].items():
+            j = m.get("judge_pass")
+            if j is None:
+                continue
+            gold.append([spec.name, p, _num(j["load_score_s"], ".3f"), j["dialogues"],
+                         f"{j['tokens']} / {j['max_tokens']}", _num(j["pass_peak_vram_gb"], ".3f")
+                         + (" OOM" if j["oom"] else ""), _peak(m), _num(j["stage_peak_vram_gb"], ".3f"),
+                         _budget(j["within_budget"])])
     out = tabulate(speed, headers=["shape", "stage", "RM precision", "tokens/s", "episodes/s", "s/step",
                                    "peak VRAM (GB)"], tablefmt="github")
     out += ("\n\nPPO memory in MiB (static = base weights + adapters + RM [+ reference copy]; the update row's "
@@ -691,6 +857,16 @@ def tables(results: dict[str, Any], shapes: Sequence[ShapeSpec]) -> str:
     out += tabulate(memory, headers=["shape", "RM", "base weights", "adapters", "optimizer", "gradients",
                                      "activations", "RM (+LoRA)", "static, shared ref", "static, separate ref",
                                      "peak GB shared / separate"], tablefmt="github")
+    if gold:
+        judge = results.get("judge", {}).get("shape", {})
+        size = _num(judge.get("total_params", 0) / 1e6)
+        out += (f"\n\nPPO with one periodic gold evaluation: the judge (Qwen3 sequence classifier, "
+                f"{judge.get('n_layer')} layers x {judge.get('hidden')} dims, {size} M params) loaded, "
+                f"scoring and freed through ModelJudge with PPO's models in memory; budget "
+                f"{results.get('vram_budget_gb', 0.0):g} GB (0: none)\n")
+        out += tabulate(gold, headers=["shape", "RM", "judge load+score (s)", "dialogues", "tokens / longest",
+                                       "judge pass peak (GB)", "PPO peak (GB)", "stage peak with judge (GB)",
+                                       "under budget"], tablefmt="github")
     return out
 
 
@@ -745,6 +921,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hardware = replace(params.hardware, **{k: v for k, v in (("device", args.device),
                                                              ("vram_budget_gb", args.vram_budget_gb)) if v is not None})
     args.vram_budget_gb = hardware.vram_budget_gb
+    params = replace(params, hardware=hardware)  # the measurements compare peaks with the budget in effect
     device = modeling.resolve_device(hardware)
     if args.reduced is None:
         args.reduced = device.type == "cpu"
@@ -755,14 +932,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              ",".join(args.precisions), args.steps)
     work = Workload.reduced(params) if args.reduced else Workload.full(params)
     specs = [SHAPES[s].reduced() if args.reduced else SHAPES[s] for s in args.shapes]
+    judge_spec = JUDGE_SHAPE.reduced() if args.reduced else JUDGE_SHAPE
     runtime.seed_everything(args.seed)
     results: dict[str, Any] = {
         "device": DEVICE_CODES[device.type], "reduced": int(args.reduced), "steps": args.steps,
-        "vram_budget_gb": args.vram_budget_gb if device.type == "cuda" else 0.0, "shapes": {}}
+        "vram_budget_gb": args.vram_budget_gb if device.type == "cuda" else 0.0}
     with tempfile.TemporaryDirectory(prefix="edgerlhf-bench-") as tmp:
+        judge_dir = Path(tmp) / "judge"
+        judge_params = build_judge(judge_spec, judge_dir, args.seed)
+        log.info("bench: gold judge of the %s shape, %.1f M params (%s)", judge_spec.name, judge_params / 1e6,
+                 ", ".join(f"{k}={v}" for k, v in judge_spec.numbers().items()))
+        results["judge"] = {"shape": {**judge_spec.numbers(), "total_params": judge_params}}
+        results["shapes"] = {}
         for spec in specs:
             results["shapes"][spec.key] = bench_shape(spec, device, params, work, args.precisions, args.steps,
-                                                      args.seed, Path(tmp))
+                                                      args.seed, Path(tmp), judge_dir)
     results["wall_time_s"] = _round(time.perf_counter() - start, 2)
     runtime.write_json(args.out, results)
     info_path = Path(args.info) if args.info else Path(args.out).with_name(Path(args.out).stem + "_info.json")
@@ -773,6 +957,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "gpu_total_gb": round(torch.cuda.get_device_properties(0).total_memory / GIB, 2) if device.type == "cuda"
         else 0.0,
         "shapes": {spec.key: spec.name for spec in specs}, "precisions": args.precisions,
+        "judge": f"random-initialised {DEFAULT_JUDGE} shape ({JUDGE_SHAPE.arch} sequence classifier, num_labels 1)"
+                 + (", reduced for CPU" if args.reduced else "") + "; a word-level tokenizer with ChatML specials",
         "params": args.params if Path(args.params).exists() else "defaults",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__,
@@ -785,6 +971,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "allocator statistics, activations_bytes is then 0",
             "ppo_update_est_s / episodes_per_s_est: rollout + scoring + ppo_epochs x minibatches x the measured "
             "minibatch time",
+            "ppo.P.judge_pass: one periodic gold-evaluation pass (edgerlhf.judge.ModelJudge: load + tokenize + "
+            "score + free) with PPO's models loaded; stage_peak_vram_gb = max(ppo peak, pass peak); "
+            "within_budget 1/0, -1 where no VRAM cap applies (CPU, or vram_budget_gb 0)",
         ],
     })
     log.info("bench: wrote %s and %s in %.1f s", args.out, info_path, results["wall_time_s"])

@@ -1,4 +1,5 @@
-"""`python -m edgerlhf.bench --reduced` (make bench on CPU): every field, plausible numbers, the memory orderings."""
+"""`python -m edgerlhf.bench --reduced` (make bench on CPU): every field, plausible numbers, the memory orderings,
+the gold-evaluation pass (judge) inside PPO."""
 
 import json
 import subprocess
@@ -13,6 +14,9 @@ PRECISIONS = ["bf16", "int8", "int4"]
 MEMORY_KEYS = ["base_weights_bytes", "adapter_bytes", "optimizer_state_bytes", "gradient_bytes", "activations_bytes",
                "activations_measured", "reward_model_bytes", "reference_copy_bytes", "static_bytes",
                "static_allocated_bytes", "rollout_transient_bytes"]
+JUDGE_PASS_KEYS = {"load_score_s", "dialogues", "tokens", "max_tokens", "truncated", "pass_peak_vram_gb",
+                   "stage_peak_vram_gb", "within_budget", "oom"}
+CHATML_TOKENS = 6  # <|im_start|> role ... <|im_end|> around each of the two messages
 pytestmark = [pytest.mark.slow, pytest.mark.extra]  # one reduced benchmark run (~45 s on 2 cores)
 
 
@@ -74,6 +78,70 @@ def test_peak_vram_is_zero_on_cpu(bench):
         assert mem["static_allocated_bytes"] == 0
 
 
+def test_gold_evaluation_pass_runs_with_ppo_loaded(bench):
+    """Each shared-backbone PPO measurement includes one gold-evaluation pass through ModelJudge on the reduced
+    default-judge shape: every dialogue scored, at the workload's lengths, timed; no VRAM figures on CPU."""
+    from edgerlhf.bench import JUDGE_SHAPE
+
+    judge = bench["judge"]["shape"]
+    small = JUDGE_SHAPE.reduced()
+    assert {k: judge[k] for k in small.numbers()} == small.numbers()
+    assert judge["head_dim"] * judge["n_head"] == 2 * judge["hidden"] and judge["n_kv_head"] < judge["n_head"]
+    assert 0 < judge["total_params"] < 2_000_000
+    r = bench["shapes"]["distilgpt2"]
+    w = r["workload"]
+    longest = w["judge_prompt_len"] + w["response_len"] + CHATML_TOKENS
+    shortest = w["judge_prompt_len"] // 4 + w["response_len"] + CHATML_TOKENS
+    for p in PRECISIONS:
+        j = r["ppo"][p]["judge_pass"]
+        assert set(j) == JUDGE_PASS_KEYS, (p, set(j) ^ JUDGE_PASS_KEYS)
+        assert j["oom"] == 0 and j["load_score_s"] > 0, (p, j)
+        assert j["dialogues"] == w["eval_prompts"] and j["truncated"] == 0, (p, j)
+        assert j["max_tokens"] == longest <= w["judge_max_length"], (p, j, longest)
+        assert w["eval_prompts"] * shortest < j["tokens"] < w["eval_prompts"] * longest, (p, j)
+        assert j["pass_peak_vram_gb"] == j["stage_peak_vram_gb"] == 0.0  # CPU: no allocator statistics
+        assert j["within_budget"] == -1  # no VRAM cap on CPU
+        assert "judge_pass" not in r["ppo_separate_reference"][p]  # the benchmark-only variant has none
+
+
+def test_within_budget_compares_the_peak_with_the_cap():
+    from edgerlhf.bench import GIB, within_budget
+
+    assert within_budget(7 * GIB, 8.0, oom=0) == 1
+    assert within_budget(8 * GIB, 8.0, oom=0) == 1
+    assert within_budget(8 * GIB + 1, 8.0, oom=0) == 0
+    assert within_budget(2 * GIB, 8.0, oom=1) == 0  # ran out of memory under the cap: does not fit
+    assert within_budget(9 * GIB, 0.0, oom=0) == -1  # no cap (CPU, or vram_budget_gb 0)
+
+
+def test_bench_judge_folder_is_a_model_judge(tmp_path):
+    """The benchmark's judge folder passes the judge stage's folder check, has the reduced default-judge shape,
+    and its tokenizer gives each word of a dialogue one token inside the ChatML template."""
+    import json as _json
+
+    from edgerlhf import bench
+    from edgerlhf.config import Params
+    from edgerlhf.judge import check_judge_folder, encode
+    from edgerlhf.modeling import load_tokenizer
+
+    spec = bench.JUDGE_SHAPE.reduced()
+    total = bench.build_judge(spec, tmp_path / "judge", seed=0)
+    check_judge_folder(tmp_path / "judge", "unused")
+    cfg = _json.loads((tmp_path / "judge" / "config.json").read_text())
+    assert cfg["model_type"] == "qwen3" and cfg["architectures"] == ["Qwen3ForSequenceClassification"]
+    assert cfg["head_dim"] == spec.head_dim and cfg["vocab_size"] == spec.vocab and 0 < total < 2_000_000
+    tok = load_tokenizer(tmp_path / "judge")
+    assert tok.chat_template and cfg["pad_token_id"] == tok.pad_token_id
+    work = bench.Workload.reduced(Params())
+    prompts, responses = bench.judge_dialogues(work, torch.Generator().manual_seed(0))
+    ids, cut = encode(tok, prompts, responses, work.judge_max_length)
+    assert cut == 0 and len(ids) == work.eval_prompts
+    assert [len(x) for x in ids] == [len(p.split()) - 2 + len(r.split()) + CHATML_TOKENS  # - "Human:", "Assistant:"
+                                     for p, r in zip(prompts, responses)]
+    assert max(len(x) for x in ids) == work.judge_prompt_len + work.response_len + CHATML_TOKENS
+    assert max(max(x) for x in ids) < spec.vocab
+
+
 def test_quantized_reward_models_are_smaller(bench):
     r = bench["shapes"]["distilgpt2"]
     footprint = {p: r["reward"][p]["footprint_bytes"] for p in PRECISIONS}
@@ -124,6 +192,30 @@ def test_full_shapes_match_the_real_models():
     assert qwen.n_kv_head < qwen.n_head and qwen.config().tie_word_embeddings
 
 
+def test_judge_shape_matches_the_default_judge():
+    """The default judge's shape (Skywork-Reward-V2-Qwen3-0.6B): Qwen3-0.6B's 596,049,920 parameters (tied
+    embeddings) with a one-output score head (1024 weights) instead of the LM head; built on the meta device."""
+    from transformers import AutoModelForSequenceClassification
+
+    from edgerlhf.bench import JUDGE_SHAPE
+    from edgerlhf.config import DEFAULT_JUDGE
+
+    assert DEFAULT_JUDGE == "Skywork/Skywork-Reward-V2-Qwen3-0.6B"
+    config = JUDGE_SHAPE.config()
+    assert (config.model_type, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.vocab_size,
+            config.max_position_embeddings, config.rms_norm_eps, config.tie_word_embeddings) == (
+        "qwen3", 1024, 3072, 28, 16, 8, 128, 151936, 40960, 1e-6, True)
+    assert config.rope_parameters["rope_theta"] == 1e6
+    config.num_labels = 1
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == 596_049_920 + 1024
+    small = JUDGE_SHAPE.reduced()
+    assert small.config().model_type == "qwen3" and small.n_kv_head < small.n_head
+    assert small.head_dim * small.n_head == 2 * small.hidden  # Qwen3-0.6B: 16 x 128 = 2 x 1024
+
+
 def test_sixteen_bit_compute_path_runs(tmp_path):
     """The GPU's dtype mix (16-bit base weights and compute, fp32 LoRA / score / value heads, autocast in the
     training loops), run on CPU in bf16: a dtype mismatch there would otherwise only show on a GPU."""
@@ -134,7 +226,9 @@ def test_sixteen_bit_compute_path_runs(tmp_path):
     device = Device("cpu", torch.bfloat16, "cpu")
     spec, params = bench.SHAPES["distilgpt2"].reduced(), Params()
     bench.build_base(spec, tmp_path / "base", seed=0)
-    ctx = bench.Context(spec, tmp_path / "base", device, params, bench.Workload.reduced(params), steps=1, seed=0)
+    bench.build_judge(bench.JUDGE_SHAPE.reduced(), tmp_path / "judge", seed=0)
+    ctx = bench.Context(spec, tmp_path / "base", device, params, bench.Workload.reduced(params), steps=1, seed=0,
+                        judge_dir=tmp_path / "judge")
     assert bench.measure_sft(ctx)["tokens_per_s"] > 0
     rm = bench.measure_reward(ctx, "bf16")
     assert rm["tokens_per_s"] > 0
@@ -146,3 +240,5 @@ def test_sixteen_bit_compute_path_runs(tmp_path):
     for precision in ("bf16", "int4"):
         m = bench.measure_ppo(ctx, precision)
         assert m["rollout_tokens_per_s"] > 0 and m["update_minibatch_s"] > 0
+        # the gold-evaluation pass next to 16-bit PPO models (the judge itself loads in fp32 on CPU)
+        assert m["judge_pass"]["dialogues"] == ctx.work.eval_prompts and m["judge_pass"]["load_score_s"] > 0
