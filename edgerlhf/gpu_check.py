@@ -7,17 +7,26 @@ It writes HH-RLHF-shaped preference data (multi-turn "\\n\\nHuman: ...\\n\\nAssi
 realistic lengths, generated locally: `hh_records`) into a scratch workspace (.cache/gpu-check/), with params =
 params.yaml + profiles/gpu-check.yaml (+ profiles/gpu-check-cpu.yaml in the reduced mode), and runs the commands
 of dvc.yaml's stages there one at a time, in the map's order: prepare, base (a model random-initialised at the
-distilgpt2 shape, its byte-level BPE trained on the generated text), sft, reward@P and ppo@P for every precision,
-evaluate; then ppo@int4 once more with hardware.dtype fp16 (the GradScaler path) on the same SFT and reward
-model. No DVC is needed (the stage commands are the map's, run directly), no network, no download.
+distilgpt2 shape, its byte-level BPE trained on the generated text), check, judge, sft, reward@P and ppo@P for
+every precision, evaluate; then ppo@int4 once more with hardware.dtype fp16 (the GradScaler path) on the same SFT
+and reward model. No DVC is needed (the stage commands are the map's, run directly), no network, no download.
+
+The gold judge is the default judge's shape (Skywork-Reward-V2-Qwen3-0.6B: edgerlhf.bench.JUDGE_SHAPE, reduced as
+the benchmark reduces it in the CPU mode), random-initialised by edgerlhf.bench.build_judge into the workspace
+folder eval.judge_path (the profile: eval.judge model, judge_source local), so the judge stage copies and scores
+it, and PPO's periodic gold evaluation (ppo.eval_every) and evaluate load it for every scoring pass, as with the
+hub judge. Its word-level tokenizer knows no word of the generated text: every word is one unknown token (the
+ChatML markers are real tokens), which keeps the ids below the judge's vocabulary; the scores mean nothing, the
+memory and time of the passes are what is measured.
 
 After each stage it reads the stage's own metrics file (the one dvc.yaml names) and stops at the first stage
-that fails, exceeds hardware.vram_budget_gb or diverges (a non-finite number in its metrics), with one line
-naming the stage. metrics/gpu_check.json holds, per stage, the figures the stage metrics files hold
-(peak_vram_gb, peak_vram_reserved_gb, wall_time_s; PPO: episodes/s, rollout tokens/s, ratio_dev_first_max,
-grad_norm_mean, vf_clipfrac_mean, skipped_steps, explained_variance_end; null where a file lacks a key), copied,
-never recomputed. Without CUDA the reduced mode runs instead and says so in its output and in the JSON
-(`"gpu": false`, `"note"`): its figures are not GPU figures.
+that fails, exceeds hardware.vram_budget_gb or diverges (a non-finite number in its metrics), or a PPO stage that
+ran no gold evaluation, with one line naming the stage. metrics/gpu_check.json holds, per stage, the figures the
+stage metrics files hold (peak_vram_gb, peak_vram_reserved_gb, wall_time_s; judge: rm_test_pairs,
+accuracy_vs_human, tie_fraction, truncated_dialogues; PPO: episodes/s, rollout tokens/s, ratio_dev_first_max,
+grad_norm_mean, vf_clipfrac_mean, skipped_steps, explained_variance_end, eval_gold_start / eval_gold_end; null
+where a file lacks a key), copied, never recomputed. Without CUDA the reduced mode runs instead and says so in its
+output and in the JSON (`"gpu": false`, `"note"`): its figures are not GPU figures.
 """
 
 from __future__ import annotations
@@ -51,17 +60,21 @@ MARKER = ".gpu-check"  # a workspace this module made (only such a folder is eve
 JSONL_NAME = "hh.jsonl"  # the generated preference data, data.jsonl_path of the profile
 
 CPU_NOTE = "CPU reduced mode: not GPU figures"
-GPU_NOTE = "GPU figures: distilgpt2 shapes (random init) on HH-shaped synthetic text, under hardware.vram_budget_gb"
+GPU_NOTE = ("GPU figures: distilgpt2 shapes and the default judge's shape (random init) on HH-shaped synthetic "
+            "text, under hardware.vram_budget_gb")
 
 # The stages of dvc.yaml the check runs (report only renders; it is left out).
-STAGES = ("prepare", "base", "check", "sft", "reward", "ppo", "evaluate")
+STAGES = ("prepare", "base", "check", "judge", "sft", "reward", "ppo", "evaluate")
 FP16_PRECISION = "int4"
 FP16_SUFFIX = "[fp16]"
 
-# Copied from every stage metrics file; PPO metrics files are also read for PPO_KEYS (null where absent).
+# Copied from every stage metrics file; PPO and judge metrics files are also read for STAGE_KEYS (null where absent).
 COMMON_KEYS = ("peak_vram_gb", "peak_vram_reserved_gb", "wall_time_s")
 PPO_KEYS = ("episodes_per_s", "rollout_tokens_per_s", "ratio_dev_first_max", "ratio_dev_tolerance", "grad_norm_mean",
-            "vf_clipfrac_mean", "skipped_steps", "explained_variance_end", "updates", "episodes")
+            "vf_clipfrac_mean", "skipped_steps", "explained_variance_end", "updates", "episodes", "eval_gold_start",
+            "eval_gold_end")
+JUDGE_KEYS = ("rm_test_pairs", "accuracy_vs_human", "tie_fraction", "truncated_dialogues")
+STAGE_KEYS = {"ppo": PPO_KEYS, "judge": JUDGE_KEYS}  # read on top of COMMON_KEYS
 # Metrics that are NaN by definition in some runs (no variance to explain), not a sign of divergence.
 MAY_BE_NAN = frozenset({"explained_variance_end"})
 
@@ -303,6 +316,14 @@ def skipped_problem(metrics: dict, ppo: dict) -> str | None:
     return None
 
 
+def gold_problem(metrics: dict) -> str | None:
+    """A PPO run without a periodic gold evaluation (no eval_gold_* in its metrics) did not measure what the check
+    is for: PPO's peak with the judge's scoring passes."""
+    if "eval_gold_end" in metrics:
+        return None
+    return "ran no gold evaluation (no eval_gold_end in its metrics): set ppo.eval_every > 0 and a model judge"
+
+
 def stage_problem(metrics: dict, budget_gb: float, ppo: dict | None = None) -> str | None:
     """The first thing wrong with a finished stage (over the VRAM cap, divergence, every PPO step skipped; `ppo`:
     the run's ppo params, given for a PPO stage), or None."""
@@ -333,7 +354,7 @@ def failure_line(output: str, returncode: int, limit: int = 400) -> str:
 
 def stage_figures(metrics: dict | None, stage: str) -> dict[str, Any]:
     """What metrics/gpu_check.json copies from one stage's metrics file (None: no file, or the key is absent)."""
-    keys = COMMON_KEYS + (PPO_KEYS if stage == "ppo" else ())
+    keys = COMMON_KEYS + STAGE_KEYS.get(stage, ())
     return {k: (metrics or {}).get(k) for k in keys}
 
 
@@ -366,6 +387,16 @@ def summary_table(result: dict) -> str:
                     colalign=("left",) + ("right",) * (len(TABLE_COLUMNS) - 1))
 
 
+def judge_line(judge: dict | None) -> str:
+    """One line naming the check's gold judge (gpu_check.json's `judge`)."""
+    if not judge:
+        return "judge: n/a"
+    return (f"judge: {judge['shape']} shape{' (reduced)' if judge['reduced'] else ''}, random init, "
+            f"{judge['arch']} {judge['n_layer']} layers x {judge['hidden']} dims, vocab {judge['vocab']}, "
+            f"{judge['total_params'] / 1e6:.1f} M params, in {judge['folder']}/; every HH word is its tokenizer's "
+            "unknown token")
+
+
 def headline(result: dict) -> str:
     """The lines printed under the table: mode, device, shape, vocabulary, budget, verdict."""
     model = result.get("model") or {}
@@ -374,7 +405,7 @@ def headline(result: dict) -> str:
              f"(asked {model.get('vocab_size_requested')})") if model else "n/a (the base stage did not run)"
     lines = [f"device: {result['device']}, compute dtype {result['dtype']}, "
              f"VRAM cap {result['vram_budget_gb']:g} GB" + ("" if result["gpu"] else " (no GPU: not applied)"),
-             f"model: {shape}"]
+             f"model: {shape}", judge_line(result.get("judge"))]
     fp16 = result.get("fp16")
     if fp16 and fp16.get("finite") is not None:
         lines.append(f"{fp16['stage']}: dtype {fp16['dtype']}, skipped steps {fp16['skipped_steps']} of "
@@ -455,8 +486,44 @@ def _write_params(dest: Path, raw: dict, header: str) -> None:
                                       + yaml.safe_dump(raw, sort_keys=False))
 
 
-def prepare_workspace(root: Path, dest: Path, raw: dict, header: str) -> None:
-    """A fresh scratch workspace: dvc.yaml and stages/ of `root`, params.yaml = `raw`, the HH-shaped data.
+JUDGE_TOKENIZER = ("edgerlhf.bench's word-level tokenizer (ChatML specials and chat template): every word of the "
+                   "generated text is its unknown token, one token per word, ids below the judge's vocabulary")
+
+
+def judge_folder(dest: Path, raw: dict) -> Path:
+    """Where the check builds the gold judge: eval.judge_path inside the workspace. The profile must make the judge
+    stage copy a local model judge from there (eval.judge model, judge_source local): the default, the hub judge,
+    cannot be downloaded here."""
+    ev = raw["eval"]
+    path = Path(ev["judge_path"])
+    if ev["judge"] != "model" or ev["judge_source"] != "local" or path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"{PROFILE}: the check builds the judge in the workspace: set eval.judge: model, "
+                         f"eval.judge_source: local and eval.judge_path to a relative folder (now {ev['judge']}, "
+                         f"{ev['judge_source']}, {ev['judge_path']})")
+    return dest / path
+
+
+def build_workspace_judge(dest: Path, raw: dict, reduced: bool) -> dict[str, Any]:
+    """The gold judge of the check: edgerlhf.bench.build_judge at the default judge's shape (JUDGE_SHAPE; its
+    reduced shape in the reduced mode), random-initialised with the run's seed, saved into `judge_folder` as the
+    judge stage expects a local judge. Returns what gpu_check.json says of it."""
+    import transformers
+
+    from edgerlhf.bench import JUDGE_SHAPE, build_judge
+
+    transformers.utils.logging.disable_progress_bar()
+    spec = JUDGE_SHAPE.reduced() if reduced else JUDGE_SHAPE
+    folder = judge_folder(dest, raw)
+    start = time.perf_counter()
+    total = build_judge(spec, folder, raw["seed"])
+    return {"shape": spec.name, "arch": spec.arch, "reduced": reduced, **spec.numbers(), "total_params": total,
+            "folder": str(folder.relative_to(dest)), "build_s": round(time.perf_counter() - start, 3),
+            "init": "random", "tokenizer": JUDGE_TOKENIZER}
+
+
+def prepare_workspace(root: Path, dest: Path, raw: dict, header: str, reduced: bool = False) -> dict[str, Any]:
+    """A fresh scratch workspace: dvc.yaml and stages/ of `root`, params.yaml = `raw`, the HH-shaped data, the
+    random-initialised gold judge (`build_workspace_judge`; reduced: its CPU shape), whose description it returns.
     Only a folder this module made (it holds MARKER) or an empty one is ever wiped."""
     if dest.exists() and any(dest.iterdir()):
         if not (dest / MARKER).is_file():
@@ -472,18 +539,19 @@ def prepare_workspace(root: Path, dest: Path, raw: dict, header: str) -> None:
     d, tiny = raw["data"], raw["model"]["tiny"]
     write_jsonl(dest / d["jsonl_path"], hh_records(sum(d["sizes"].values()), raw["seed"],
                                                    lexicon_size_for(tiny["vocab_size"]), d["max_prompt_chars"]))
+    return build_workspace_judge(dest, raw, reduced)
 
 
 def prepare_fp16_workspace(dest: Path, raw: dict, dtype: str) -> Path:
-    """`dest`/fp16: params with hardware.dtype = `dtype`, the main workspace's data, SFT and reward models and
-    stages linked in, so that ppo@P runs there on exactly the same inputs and writes only its own outputs."""
+    """`dest`/fp16: params with hardware.dtype = `dtype`, the main workspace's data, SFT, reward and judge models
+    and stages linked in, so that ppo@P runs there on exactly the same inputs and writes only its own outputs."""
     from edgerlhf.config import deep_merge
 
     fp16 = dest / "fp16"
     fp16.mkdir()
     (fp16 / "models").mkdir()
     for link, target in (("data", "../data"), ("stages", "../stages"), ("models/sft", "../../models/sft"),
-                         ("models/reward", "../../models/reward")):
+                         ("models/reward", "../../models/reward"), ("models/judge", "../../models/judge")):
         (fp16 / link).symlink_to(target, target_is_directory=True)
     _write_params(fp16, deep_merge(raw, {"hardware": {"dtype": dtype}}), f"the gpu-check params with "
                                                                           f"hardware.dtype {dtype}")
@@ -530,7 +598,7 @@ def run_check(root: Path, dest: Path, out: Path, reduced: bool, echo: bool = Tru
     raw = load_profile(root, reduced=not gpu)
     budget = float(raw["hardware"]["vram_budget_gb"])
     profiles = [str(PROFILE)] + ([str(CPU_PROFILE)] if not gpu else [])
-    prepare_workspace(root, dest, raw, "params.yaml + " + " + ".join(profiles))
+    judge = prepare_workspace(root, dest, raw, "params.yaml + " + " + ".join(profiles), reduced=not gpu)
     device, dtype = device_info(gpu, raw["hardware"])
     fp16_dtype = "fp16" if gpu else "fp32"
     result: dict[str, Any] = {
@@ -538,7 +606,7 @@ def run_check(root: Path, dest: Path, out: Path, reduced: bool, echo: bool = Tru
         "ok": False, "failed_stage": None, "error": None,
         "device": device, "dtype": dtype, "vram_budget_gb": budget, "profiles": profiles,
         "workspace": str(dest), "command": command,
-        "model": None, "data": None, "stages": {},
+        "model": None, "judge": judge, "data": None, "stages": {},
         "fp16": {"stage": None, "precision": None, "dtype": fp16_dtype, "skipped_steps": None,
                  "optimizer_steps": None, "finite": None,
                  "note": None if gpu else "CPU: fp16 training is unsupported on CPU (modeling.choose_dtype), so this "
@@ -548,6 +616,7 @@ def run_check(root: Path, dest: Path, out: Path, reduced: bool, echo: bool = Tru
     print(f"gpu-check: {device}, compute dtype {dtype}; " + (
         f"distilgpt2 shapes under the {budget:g} GB VRAM cap" if gpu else
         f"no CUDA device (or --reduced): {CPU_NOTE} (small shapes, few steps)"), flush=True)
+    print(f"gpu-check: {judge_line(judge)} (built in {judge['build_s']:g} s)", flush=True)
     env = stage_env(gpu)
     runs = stage_runs(yaml.safe_load((dest / "dvc.yaml").read_text()), raw)
     ppo_runs = [r for r in runs if r.stage == "ppo"]
@@ -578,7 +647,8 @@ def run_check(root: Path, dest: Path, out: Path, reduced: bool, echo: bool = Tru
         metrics = read_metrics(cwd / run.metrics) if run.metrics and rc == 0 else None
         result["stages"][run.name] = {"process_s": seconds, **stage_figures(metrics, run.stage)}
         problem = (failure_line(tail, rc) if rc != 0 else
-                   stage_problem(metrics or {}, budget, raw["ppo"] if run.stage == "ppo" else None))
+                   stage_problem(metrics or {}, budget, raw["ppo"] if run.stage == "ppo" else None)
+                   or (gold_problem(metrics) if run.stage == "ppo" and metrics is not None else None))
         if rc != 0 and left is not None and seconds >= left:
             problem = f"stopped: --time-limit {time_limit:g} s reached during this stage"
         if rc == 0 and run.metrics and metrics is None:
