@@ -2,11 +2,13 @@
 
 For each precision's PPO policy: the PPO LoRA is merged into models/sft/merged (fp32, on CPU: exact and
 independent of the GPU), and `exports/ppo-P/` is written -- a standalone Hugging Face model directory
-(safetensors, tokenizer, generation_config.json with the evaluation's sampling settings) that loads with
-`AutoModelForCausalLM.from_pretrained(dir)` and no peft, with a model card (README.md) stating the base model,
-the data, every hyperparameter (params.yaml verbatim), the run's metrics (read from the metrics files) and the
-command that reproduces it. Before the folder is published the export reloads it and checks its logits
-against the adapter-on model (max |difference| <= 1e-4).
+(safetensors, tokenizer with a chat template for the training format, generation_config.json with the
+evaluation's sampling settings; every file mode 0644) that loads with `AutoModelForCausalLM.from_pretrained(dir)`
+and no peft, with a model card (README.md: `huggingface_hub.ModelCardData` front matter with license, base model,
+datasets and eval results) stating the base model, the data, every hyperparameter (params.yaml verbatim), the
+run's metrics (read from the metrics files) and the command that reproduces it. Before the folder is published
+the export reloads it and checks its logits against the adapter-on model (max |difference| <= 1e-4).
+`--push-to-hub REPO` then uploads the folder to the Hugging Face Hub.
 
 Not a stage of the default `dvc repro`: each export is a full copy of the model weights (distilgpt2: ~330 MB
 fp32 per precision), which as a DVC output would be stored twice more (workspace + cache) on every run, while
@@ -19,16 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from edgerlhf import paths, precisions
+from edgerlhf import formats, paths, precisions
 from edgerlhf.config import Params, load_params
-from edgerlhf.errors import ArtifactError, EdgeRLHFError
+from edgerlhf.errors import ArtifactError, EdgeRLHFError, HubError
 from edgerlhf.generate import Sampling, UsageError, quiet_libraries, require_policy
 
 log = logging.getLogger("edgerlhf")
@@ -49,6 +53,61 @@ HEADLINE = [
     ("eval", "sft.gold_reward"), ("eval", "ppo_{P}.gold_reward"), ("eval", "ppo_{P}.proxy_reward"),
     ("eval", "ppo_{P}.kl_to_sft"), ("eval", "ppo_{P}.win_rate_vs_sft"),
 ]
+
+
+# Eval results of the card's metadata (model-index): (key of the policy's object in metrics/eval.json, metric name).
+EVAL_RESULTS = [("gold_reward", "gold reward (mean gold-judge score)"),
+                ("win_rate_vs_sft", "win rate vs SFT (gold judge)"),
+                ("kl_to_sft", "KL to the SFT policy")]
+FILE_MODE, DIR_MODE = 0o644, 0o755
+
+
+# --------------------------------------------------------------------------- chat template
+
+# The pipeline's training text (formats.py) as a Jinja chat template: a user turn is "\n\nHuman: " + content, an
+# assistant turn "\n\nAssistant: " + content (the space only added when missing); a first system message opens the
+# first Human turn, followed by a blank line (dropped when empty); add_generation_prompt ends the text with
+# "\n\nAssistant:", the prompt the policy was trained to answer. A dialogue that ends with an assistant message
+# (and no generation prompt) gets EOS after it, as SFT trained on prompt + response + EOS. What formats.py refuses
+# raises: a system message after the first, a dialogue not starting with a user message, a turn marker inside a
+# message, another role.
+_CHAT_TEMPLATE = r"""
+{%- set ns = namespace(system='', first=true) -%}
+{%- for message in messages -%}
+    {%- set content = message['content'] -%}
+    {%- if message['role'] == 'system' -%}
+        {%- if not loop.first -%}{{- raise_exception('a system message may only come first') -}}{%- endif -%}
+        {%- set ns.system = content -%}
+    {%- elif message['role'] == 'user' or message['role'] == 'assistant' -%}
+        {%- if ns.first and message['role'] != 'user' -%}
+            {{- raise_exception('the dialogue must start with a user message (after an optional system message)') -}}
+        {%- endif -%}
+        {%- if ns.first and ns.system.strip() -%}{%- set content = ns.system + '\n\n' + content -%}{%- endif -%}
+        {%- set ns.first = false -%}
+        {%- if @HUMAN@ in content or @ASSISTANT@ in content -%}
+            {{- raise_exception('a message holds a turn marker (\\n\\nHuman: or \\n\\nAssistant:)') -}}
+        {%- endif -%}
+        {{- (@HUMAN@ if message['role'] == 'user' else @ASSISTANT@) -}}
+        {{- content if content.startswith(' ') else ' ' + content -}}
+        {%- if loop.last and message['role'] == 'assistant' and not add_generation_prompt -%}
+            {{- eos_token -}}
+        {%- endif -%}
+    {%- else -%}
+        {{- raise_exception('unknown role ' + message['role'] + ': roles are system, user and assistant') -}}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- @ASSISTANT@ -}}{%- endif -%}
+"""
+CHAT_TEMPLATE = (_CHAT_TEMPLATE.strip().replace("@HUMAN@", json.dumps(formats.HUMAN_MARKER))
+                 .replace("@ASSISTANT@", json.dumps(formats.ASSISTANT_MARKER)))
+
+
+def set_chat_template(tokenizer: Any) -> None:
+    """Give `tokenizer` the training format's chat template (`CHAT_TEMPLATE`), replacing any it had: the policy
+    was trained on HH text, whatever template its base model came with."""
+    if getattr(tokenizer, "chat_template", None) and tokenizer.chat_template != CHAT_TEMPLATE:
+        log.info("replacing the base tokenizer's chat template with the training format's")
+    tokenizer.chat_template = CHAT_TEMPLATE
 
 
 def export_dir(out_root: Path, precision: str) -> Path:
@@ -143,21 +202,132 @@ def _data_text(params: Params) -> str:
             "pairs ordered by a stated rule-based gold scorer)")
 
 
+@dataclass(frozen=True)
+class License:
+    """The card's license: a Hub license id (`other` with a name/link), and where it was taken from."""
+
+    id: str
+    source: str
+    name: str | None = None
+    link: str | None = None
+
+
+UNKNOWN_LICENSE = "unknown"
+
+
+def _card_license(readme: Path | str, what: str) -> License | None:
+    """The license of a model card file's front matter (`license`, with license_name/link for `other`), if any."""
+    from huggingface_hub import metadata_load
+
+    try:
+        meta = metadata_load(readme) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    lic = meta.get("license")
+    if isinstance(lic, list):
+        lic = lic[0] if lic else None
+    if not isinstance(lic, str) or not lic.strip():
+        return None
+    return License(lic.strip(), f"the license of {what} (its model card)", meta.get("license_name"),
+                   meta.get("license_link"))
+
+
+def base_license(root: Path, params: Params, override: str | None = None) -> License:
+    """The export's license: `override` (--license), else the base model's: the `license` of its model card --
+    for model.source hub the card of model.name@revision (from the local HF cache, or downloaded unless
+    HF_HUB_OFFLINE), for local the README.md in model.local_path. A tiny base is built from scratch by the run and
+    has no upstream license; it and a card without one give `unknown`."""
+    if override:
+        return License(override, "set with `--license`")
+    m = params.model
+    if m.source == "hub":
+        try:
+            from huggingface_hub import hf_hub_download
+
+            readme = hf_hub_download(m.name, "README.md", revision=m.revision)
+        except Exception as exc:  # noqa: BLE001 - any hub failure: no license found, said in the card and the log
+            log.info("no model card of %s@%s to read its license from (%s)", m.name, m.revision, type(exc).__name__)
+        else:
+            found = _card_license(readme, f"the base model `{m.name}`")
+            if found:
+                return found
+        return License(UNKNOWN_LICENSE, f"the base model `{m.name}`'s model card could not be read or states no "
+                                        "license; check it and set one with `--license`")
+    if m.source == "local":
+        readme = root / m.local_path / "README.md"
+        found = _card_license(readme, f"the local base model `{m.local_path}`") if readme.is_file() else None
+        return found or License(UNKNOWN_LICENSE, f"the local base model `{m.local_path}` has no README.md stating a "
+                                                 "license; set one with `--license`")
+    return License(UNKNOWN_LICENSE, "the tiny base model is built from scratch by this run (no upstream weights, "
+                                    "no upstream license); set one with `--license`")
+
+
+def eval_results(params: Params, precision: str, evals: dict[str, Any]) -> list[Any]:
+    """`huggingface_hub.EvalResult`s of the exported policy from flattened metrics/eval.json (`EVAL_RESULTS`
+    present there; gold metrics with their bootstrap interval as args), on the run's eval_prompts split."""
+    from huggingface_hub import EvalResult
+
+    from edgerlhf.judge import MODEL, judge_kind
+
+    kind = judge_kind(params)
+    judge = f"{kind} {params.eval.judge_model}" if kind == MODEL and params.eval.judge_source == "hub" else kind
+    d = params.data
+    if d.source == "hub":
+        dataset = {"dataset_type": d.hub_id, "dataset_name": d.hub_id, "dataset_split": d.hub_test_split,
+                   "dataset_revision": d.hub_revision}
+    elif d.source == "jsonl":
+        dataset = {"dataset_type": "json", "dataset_name": f"{Path(d.jsonl_path).name} (local JSONL)"}
+    else:
+        dataset = {"dataset_type": "synthetic", "dataset_name": "EdgeRLHF synthetic facts task"}
+    dataset["dataset_args"] = {"split": "eval_prompts", "prompts": evals.get("prompts")}
+    out = []
+    for key, name in EVAL_RESULTS:
+        value = evals.get(f"ppo_{precision}.{key}")
+        if not isinstance(value, (int, float)):
+            continue
+        lo, hi = evals.get(f"ppo_{precision}.{key}_lo"), evals.get(f"ppo_{precision}.{key}_hi")
+        args = ({"interval_level_pct": evals.get("interval_level_pct"), "lo": lo, "hi": hi}
+                if lo is not None and hi is not None else None)
+        out.append(EvalResult(task_type="text-generation", task_name="RLHF evaluation vs the gold judge",
+                              metric_type=key, metric_name=name, metric_value=value, metric_args=args,
+                              metric_config=f"judge: {judge}", **dataset))
+    return out
+
+
+def card_data(params: Params, precision: str, evals: dict[str, Any], license: License, model_name: str) -> Any:
+    """The card's metadata as `huggingface_hub.ModelCardData`: license, base model (hub source), datasets (hub
+    source), eval results (`eval_results`), library, pipeline tag and tags."""
+    from huggingface_hub import ModelCardData
+
+    results = eval_results(params, precision, evals)
+    return ModelCardData(
+        license=license.id, license_name=license.name, license_link=license.link,
+        base_model=params.model.name if params.model.source == "hub" else None,
+        datasets=[params.data.hub_id] if params.data.source == "hub" else None,
+        library_name="transformers", pipeline_tag="text-generation",
+        tags=["rlhf", "ppo", "lora-merged", "edgerlhf", f"reward-model-{precision}"],
+        model_name=model_name if results else None, eval_results=results or None)
+
+
+CARD_TEMPLATE = "---\n{{ card_data }}\n---\n\n{{ body }}"
+
+
 def model_card(root: Path, params: Params, precision: str, sampling: Sampling, check_diff: float,
-               n_params: int) -> str:
-    """README.md of an export: what it is, how to use it, base model, data, hyperparameters, metrics, provenance.
-    Every metric is copied from the run's metrics files. Over 80 lines because most of it is the card's Markdown
-    template, kept in one piece so that the code reads as the card does."""
+               n_params: int, license: License | None = None, repo_id: str | None = None) -> str:
+    """README.md of an export: `card_data` front matter (via `huggingface_hub.ModelCard.from_template`), then what
+    it is, how to use it, base model, data, hyperparameters, metrics, provenance. Every metric is copied from the
+    run's metrics files; `repo_id` (--push-to-hub) names the model where the card says how to load it. Over 80
+    lines because most of it is the card's Markdown template, kept in one piece so that the code reads as the card
+    does."""
+    from huggingface_hub import ModelCard
+
     files = {role: rel for role, rel in metrics_files(precision).items() if (root / rel).exists()}
     metrics = {role: flatten(json.loads((root / rel).read_text())) for role, rel in files.items()}
-    name = export_dir(EXPORTS, precision)
+    name = repo_id or export_dir(EXPORTS, precision).as_posix()
     smoke = (root / "params.yaml").read_text().startswith(SMOKE_MARKER)
-    front = {"library_name": "transformers", "pipeline_tag": "text-generation",
-             "tags": ["rlhf", "ppo", "lora-merged", "edgerlhf", f"reward-model-{precision}"]}
-    if params.model.source == "hub":
-        front["base_model"] = params.model.name
-    if params.data.source == "hub":
-        front["datasets"] = [params.data.hub_id]
+    license = license or base_license(root, params)
+    data = card_data(params, precision, metrics.get("eval", {}), license,
+                     repo_id or f"edgerlhf-ppo-{precision}")
     quant = precisions.get(precision).label
     ex_prompt = "\\n\\nHuman: What color is the sky?\\n\\nAssistant:"
 
@@ -191,11 +361,7 @@ def model_card(root: Path, params: Params, precision: str, sampling: Sampling, c
         reproduce += ("\n\n# this run is the offline smoke profile: from a checkout of the repository\n"
                       f"make smoke\npython -m edgerlhf.export --root .smoke --precision {precision}")
 
-    return f"""---
-{yaml.safe_dump(front, sort_keys=False).strip()}
----
-
-# EdgeRLHF PPO policy (reward model at {precision})
+    body = f"""# EdgeRLHF PPO policy (reward model at {precision})
 
 A causal language model aligned with RLHF by the EdgeRLHF pipeline: supervised fine-tuning with LoRA, a
 reward model trained at **{precision}** ({quant}), then PPO of the SFT policy against that reward
@@ -208,17 +374,20 @@ this folder is a plain Hugging Face model and needs no peft. "{precision}" names
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{name.as_posix()}")
-tok = AutoTokenizer.from_pretrained("{name.as_posix()}")
-prompt = "{ex_prompt}"            # the dialogue format it was trained on
-ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
+model = AutoModelForCausalLM.from_pretrained("{name}")
+tok = AutoTokenizer.from_pretrained("{name}")
+messages = [{{"role": "user", "content": "What color is the sky?"}}]
+ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
 out = model.generate(**ids)                # sampling settings from generation_config.json
 print(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-Responses end at the EOS token `{json.dumps(eos_token_text(root))}`. Sampling (generation_config.json, the
-evaluation's settings `eval.*`): `{json.dumps(gen)}`. Or, with the pipeline's outputs at hand:
-`python -m edgerlhf.generate --policy ppo@{precision} "What color is the sky?"`.
+The tokenizer's chat template renders messages as the dialogue format the policy was trained on (HH text):
+`messages` above become `"{ex_prompt}"`; an optional first system message opens the first Human turn,
+followed by a blank line. Text in that format can also be tokenized directly
+(`tok(prompt, add_special_tokens=False)`). Responses end at the EOS token `{json.dumps(eos_token_text(root))}`.
+Sampling (generation_config.json, the evaluation's settings `eval.*`): `{json.dumps(gen)}`. Or, with the
+pipeline's outputs at hand: `python -m edgerlhf.generate --policy ppo@{precision} "What color is the sky?"`.
 
 ## Base model
 
@@ -257,11 +426,16 @@ Every hyperparameter of the run: its `params.yaml`, verbatim.
 
 {chr(10).join(provenance)}
 
+## License
+
+`{license.id}`{f" ({license.name})" if license.name else ""}: {license.source}. The training data has its own terms.
+
 ## Limitations
 
 A research artifact of a small pipeline: PPO against a learned (and here quantized) reward model can exploit
 its errors (reward hacking). Compare the gold and proxy numbers above before trusting the policy.
 """
+    return ModelCard.from_template(data, template_str=CARD_TEMPLATE, body=body).content
 
 
 def eos_token_text(root: Path) -> str:
@@ -298,8 +472,18 @@ def max_logit_diff(a: Any, b: Any, batches: Sequence[Sequence[int]]) -> float:
     return worst
 
 
-def export_policy(root: Path, params: Params, precision: str, out_root: Path) -> Path:
-    """Merge ppo@precision into the SFT model and write `out_root/ppo-<precision>/` atomically; returns it."""
+def publish_modes(folder: Path) -> None:
+    """Every file under `folder` mode 0644 and every folder 0755: safetensors writes its weights 0600 whatever the
+    umask, which other users of a shared export (or a web server, a container with another uid) cannot read."""
+    folder.chmod(DIR_MODE)
+    for path in folder.rglob("*"):
+        path.chmod(DIR_MODE if path.is_dir() else FILE_MODE)
+
+
+def export_policy(root: Path, params: Params, precision: str, out_root: Path, license: License | None = None,
+                  repo_id: str | None = None) -> Path:
+    """Merge ppo@precision into the SFT model and write `out_root/ppo-<precision>/` atomically (tokenizer with the
+    training format's chat template, card, files 0644); returns it. `license`/`repo_id`: see `model_card`."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -316,6 +500,7 @@ def export_policy(root: Path, params: Params, precision: str, out_root: Path) ->
         return PeftModel.from_pretrained(base, str(adapter), is_trainable=False).eval()
 
     tokenizer = modeling.load_tokenizer(sft_dir, trust)
+    set_chat_template(tokenizer)
     reference = load_adapter_model()
     merged = load_adapter_model().merge_and_unload().eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -325,17 +510,68 @@ def export_policy(root: Path, params: Params, precision: str, out_root: Path) ->
     n_params = sum(p.numel() for p in merged.parameters())
     final = export_dir(out_root, precision)
     with atomic_dir(final) as tmp:
-        merged.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
+        modeling.save_model(merged, tmp)
+        modeling.save_tokenizer(tokenizer, tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32, use_safetensors=True,
                                                         trust_remote_code=trust).eval()
         diff = max_logit_diff(reference, reloaded, probe_batches(root, tokenizer))
         if not diff <= MAX_LOGIT_DIFF:
             raise EdgeRLHFError(f"export of ppo@{precision}: the merged model's logits differ from the adapter "
                                 f"model's by {diff:.2e} (> {MAX_LOGIT_DIFF:g}); nothing was written")
-        (tmp / "README.md").write_text(model_card(root, params, precision, sampling, diff, n_params))
+        (tmp / "README.md").write_text(model_card(root, params, precision, sampling, diff, n_params,
+                                                  license=license, repo_id=repo_id))
+        publish_modes(tmp)
     log.info("exported ppo@%s to %s (%d parameters, max |logit difference| %.2e)", precision, final, n_params, diff)
     return final
+
+
+# --------------------------------------------------------------------------- push to the hub
+
+
+def _env_true(name: str) -> bool:
+    """An environment flag as huggingface_hub reads it (1/ON/YES/TRUE), read now, not at import."""
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def check_push(repo_id: str) -> None:
+    """Before any export work: `repo_id` is a valid Hub repo id, the hub is not switched off (HF_HUB_OFFLINE)
+    and a token is at hand; else UsageError/HubError, one line with the fix."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise UsageError(f"--push-to-hub {repo_id!r} is not a Hub repo id ({str(exc).splitlines()[0][:120]}); "
+                         "use NAMESPACE/NAME, e.g. your-user/edgerlhf-ppo-int4") from exc
+    if _env_true("HF_HUB_OFFLINE"):
+        raise HubError(f"cannot push to {repo_id}: HF_HUB_OFFLINE=1 is set (offline mode); unset it to publish, "
+                       "or export without --push-to-hub and upload the folder later (`hf upload REPO FOLDER`)")
+    if not get_token():
+        raise HubError(f"cannot push to {repo_id}: no Hugging Face token; log in with `hf auth login` or set "
+                       "HF_TOKEN to a token with write access")
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Create the model repo `repo_id` if needed (`private` only applies to a new repo) and upload `folder` to it
+    in one commit with `HfApi().upload_folder`; returns the commit's URL. Any hub failure is one HubError line."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model",
+                                   commit_message=f"EdgeRLHF export {folder.name}")
+    except Exception as exc:  # noqa: BLE001 - every hub/network failure becomes one line naming cause and fix
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        cause = f"{type(exc).__name__}{f' {status}' if status else ''}: {first}"
+        fix = {401: "log in with `hf auth login` or set HF_TOKEN", 403: "use a token with write access to that "
+               "namespace"}.get(status, "check the network, your login (`hf auth login`) and the repo id")
+        raise HubError(f"cannot push {folder} to {repo_id} ({cause}); {fix}; the export is kept, retry with "
+                       f"`hf upload {repo_id} {folder}`") from exc
+    return str(getattr(commit, "commit_url", commit))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -346,16 +582,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--root", default=".", help="project root with params.yaml and the run's outputs "
                         "(default: current directory; e.g. .smoke)")
     parser.add_argument("--out", help="where the ppo-P folders go (default: ROOT/exports)")
+    parser.add_argument("--license", help="the card's license (a Hub license id, e.g. apache-2.0; default: the "
+                        "base model's, see the card)")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="then upload the export to the Hub model repo REPO "
+                        "(NAMESPACE/NAME; created if missing; one --precision)")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     args = parser.parse_args(argv)
+    if args.private and not args.push_to_hub:
+        raise UsageError("--private only applies with --push-to-hub REPO")
+    if args.push_to_hub:
+        check_push(args.push_to_hub)
     root = Path(args.root)
     params = load_params(root / "params.yaml")
-    precisions = args.precision or list(params.reward.precisions)
+    precisions = list(dict.fromkeys(args.precision or params.reward.precisions))
+    if args.push_to_hub and len(precisions) != 1:
+        raise UsageError(f"--push-to-hub publishes one export: add --precision (one of {', '.join(precisions)})")
     for precision in precisions:
         check_inputs(root, params, precision)
     quiet_libraries()
     out_root = Path(args.out) if args.out else root / EXPORTS
-    for precision in dict.fromkeys(precisions):
-        print(export_policy(root, params, precision, out_root))
+    license = base_license(root, params, args.license)
+    for precision in precisions:
+        folder = export_policy(root, params, precision, out_root, license, args.push_to_hub)
+        print(folder)
+        if args.push_to_hub:
+            print(push_to_hub(folder, args.push_to_hub, args.private))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ def test_prompts_come_from_arguments_files_and_stdin(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extra  # a generate subprocess over every policy (~8 s): `make test-extra`
 def test_compare_prints_every_policy_with_proxy_and_gold_scores(pipeline_run):
     proc = cli("edgerlhf.generate", "--compare", "What color is the sky?", root=pipeline_run)
     out, err = proc.communicate(timeout=300)
@@ -219,3 +220,60 @@ def test_export_names_what_is_missing(pipeline_run):
     with pytest.raises(G.UsageError, match="unknown precision 'fp8': choose from bf16, int8, int4"):
         E.check_inputs(pipeline_run, params, "fp8")
     E.check_inputs(pipeline_run, params, "bf16")  # a finished run has everything
+
+
+@pytest.mark.slow
+def test_export_is_published_the_hugging_face_way(pipeline_run, exported):
+    """The exported tokenizer's chat template gives the training prompt (and its tokens), the card's front matter
+    is ModelCardData (license and its source, eval results from metrics/eval.json), every file is 0644."""
+    import stat
+
+    from huggingface_hub import ModelCard
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(exported)
+    for q in ("What color is the sky?", "What does a dog say?"):
+        msgs = [{"role": "user", "content": q}]
+        assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == format_prompt(q)
+        ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert list(ids) == tok(format_prompt(q), add_special_tokens=False)["input_ids"]
+
+    card = ModelCard.load(exported / "README.md")
+    assert card.data.license == "unknown" and "built from scratch by this run" in card.text  # tiny base
+    assert card.data.library_name == "transformers" and card.data.base_model is None
+    if (pipeline_run / "metrics/eval.json").exists():
+        evals = json.loads((pipeline_run / "metrics/eval.json").read_text())["ppo_int4"]
+        results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+        assert results == {k: evals[k] for k in ("gold_reward", "win_rate_vs_sft", "kl_to_sft")}
+
+    files = sorted(p.name for p in exported.iterdir())
+    assert {"README.md", "model.safetensors", "config.json", "generation_config.json"} <= set(files), files
+    for path in exported.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+@pytest.mark.slow
+def test_push_to_hub_uploads_the_export(pipeline_run, tmp_path, monkeypatch, capsys):
+    """--push-to-hub REPO: the export is written, then create_repo + upload_folder of that folder (a fake HfApi:
+    no network); the uploaded card names the repo and the --license."""
+    import huggingface_hub
+
+    from tests.test_export_hub import FakeApi
+
+    FakeApi.calls, FakeApi.fail = [], None
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    E.main(["--root", str(pipeline_run), "--precision", "int4", "--out", str(tmp_path), "--license", "mit",
+            "--push-to-hub", "someone/edgerlhf-ppo-int4"])
+    folder = tmp_path / "ppo-int4"
+    assert capsys.readouterr().out.split() == [str(folder),
+                                               "https://huggingface.co/someone/edgerlhf-ppo-int4/commit/abc"]
+    (create, c_args), (upload, u_args) = FakeApi.calls
+    assert (create, c_args["repo_id"], c_args["exist_ok"], c_args["private"]) == (
+        "create_repo", "someone/edgerlhf-ppo-int4", True, False)
+    assert upload == "upload_folder" and Path(u_args["folder_path"]) == folder
+    assert {"README.md", "model.safetensors", "tokenizer_config.json"} <= set(u_args["files"])
+    card = u_args["files"]["README.md"]
+    assert yaml.safe_load(card.split("---\n", 2)[1])["license"] == "mit"
+    assert 'from_pretrained("someone/edgerlhf-ppo-int4")' in card and "`mit`: set with `--license`" in card
