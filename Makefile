@@ -19,7 +19,7 @@ HF_CACHE ?= $(HOME)/.cache/huggingface
 DOCKER_RUN := docker run --rm --init --user "$$(id -u):$$(id -g)" -v "$(CURDIR)":/workspace
 TORCH_CPU_WHEELS ?= https://download.pytorch.org/whl/cpu/torch/
 
-.PHONY: setup all smoke test test-extra lint metrics diff plots bench gpu-check clean lock docker-build docker-all docker-smoke generate export
+.PHONY: setup all smoke test test-extra lint metrics diff exps plots bench gpu-check clean lock docker-build docker-all docker-smoke generate export
 
 # Inside the image (EDGERLHF_IMAGE=1) the environment already exists: don't build a .venv in the mounted repo.
 ifeq ($(EDGERLHF_IMAGE),1)
@@ -42,8 +42,9 @@ all: setup
 	$(BIN)/python -m edgerlhf.config check params.yaml
 	dvc repro
 
+# SMOKE_ARGS: e.g. --reset (discard params.yaml edits made in .smoke and not committed there), --force
 smoke: setup
-	$(BIN)/python -m edgerlhf.smoke
+	$(BIN)/python -m edgerlhf.smoke $(SMOKE_ARGS)
 
 # The suite (<= 5 min on 2 cores); test-extra adds the slower variants (CI runs both).
 # TESTS: a subset, e.g. make test TESTS=tests/test_config.py
@@ -57,17 +58,25 @@ lint: setup
 	$(BIN)/ruff check edgerlhf stages tests
 	$(BIN)/hadolint --config .hadolint.yaml Dockerfile
 
-metrics: setup
-	dvc metrics show
+# The comparison commands of a run folder: RUN_DIR=.smoke for the quick-start workspace (default: this one).
+RUN_DIR ?= .
 
+# The headline numbers (metrics/headline.json), one row per precision; details: RUN_DIR/metrics/*.json
+metrics: setup
+	$(BIN)/python -m edgerlhf.exps metrics --dir "$(RUN_DIR)"
+
+# What changed against the last commit of RUN_DIR, and what it did to the headline numbers
 diff: setup
-	dvc params diff
-	dvc metrics diff
+	cd "$(RUN_DIR)" && dvc params diff && dvc metrics diff
+
+# Every DVC experiment of RUN_DIR (dvc exp show): the params that differ, then the headline numbers per precision
+exps: setup
+	$(BIN)/python -m edgerlhf.exps show --dir "$(RUN_DIR)"
 
 # reward/KL/loss curves and proxy-vs-gold against KL (dvc.yaml `plots:`) as HTML in RUN_DIR/reports/plots/
 # (make plots RUN_DIR=.smoke for the offline run); reports/summary.md embeds PNG charts of the headline numbers.
 plots: setup
-	cd "$(or $(RUN_DIR),.)" && dvc plots show -o reports/plots
+	cd "$(RUN_DIR)" && dvc plots show -o reports/plots
 
 # Speed and memory per stage at distilgpt2 / Qwen2.5-0.5B shapes (random weights, no download) -> metrics/bench.json
 # (+ metrics/bench_info.json). Full size under hardware.vram_budget_gb on a GPU; reduced automatically on CPU.
@@ -100,8 +109,7 @@ docker-smoke:
 clean:
 	rm -rf .smoke .cache .pytest_cache .ruff_cache
 
-# Use what a run trained (docs/generate-export.md). RUN_DIR: the run's root (.smoke for make smoke).
-RUN_DIR ?= .
+# Use what a run trained (docs/generate-export.md). RUN_DIR (above): the run's root (.smoke for make smoke).
 
 # make generate PROMPT="What color is the sky?" [POLICY=ppo@int4 | COMPARE=1] [RUN_DIR=.smoke] [ARGS="--seed 1"];
 # without PROMPT the prompts are read from stdin, one per line (or ARGS="--file prompts.txt").
@@ -109,7 +117,8 @@ generate: setup
 	$(BIN)/python -m edgerlhf.generate --root "$(RUN_DIR)" $(if $(POLICY),--policy "$(POLICY)") \
 	    $(if $(COMPARE),--compare) $(ARGS) $(if $(PROMPT),-- "$$PROMPT")
 
-# Standalone Hugging Face folders RUN_DIR/exports/ppo-P (PPO adapter merged, model card). Not a dvc.yaml stage:
-# full weights per precision would be stored again in the DVC cache. make export [PRECISION=int4] [RUN_DIR=.smoke]
+# Standalone Hugging Face folders RUN_DIR/exports/ppo-P (PPO adapter merged, chat template, model card). Not a
+# dvc.yaml stage: full weights per precision would be stored again in the DVC cache.
+# make export [PRECISION=int4] [RUN_DIR=.smoke] [ARGS="--push-to-hub you/edgerlhf-ppo-int4 --license mit"]
 export: setup
 	$(BIN)/python -m edgerlhf.export --root "$(RUN_DIR)" $(if $(PRECISION),--precision "$(PRECISION)") $(ARGS)

@@ -32,6 +32,15 @@ TEST_SPLITS = ("rm_test", "sft_eval", "eval_prompts")
 # lists both params as deps of `base` / `prepare` whatever the source, and DVC fails on a dep that does not exist.
 LOCAL_MODEL_DIR = "models/local"
 LOCAL_DATA_DIR = "data/local"
+# Keys that change how a stage runs, not what it produces (resumable checkpoints, memory caps, threads, batch sizes
+# of pure scoring passes, logging cadence): not DVC params deps in dvc.yaml, so editing one reruns nothing.
+# tests/test_dvc_map.py checks that no stage tracks one; README "The experiment loop" names them.
+OPERATIONAL_KEYS = (
+    "hardware.vram_budget_gb", "hardware.cpu_threads",
+    "sft.checkpoint_every", "reward.checkpoint_every", "ppo.checkpoint_every", "eval.judge_training.checkpoint_every",
+    "ppo.logprob_chunk_size", "ppo.log_every", "reward.eval_batch_size", "eval.judge_training.eval_batch_size",
+    "eval.judge_batch_size",
+)
 DEFAULT_JUDGE = "Skywork/Skywork-Reward-V2-Qwen3-0.6B"  # Apache-2.0, 0.6 B parameters
 # Folders under models/ the pipeline writes (DVC outs): a local model there would be a cycle in the map.
 PIPELINE_MODEL_DIRS = ("models/base", "models/sft", "models/reward", "models/ppo")
@@ -110,6 +119,14 @@ class HardwareParams:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     vram_budget_gb: float = _f(8.0, lo=0.0)
     num_processes: int = _f(1, lo=1, doc="processes (DDP) of the training stages sft, reward@P, ppo@P; one per GPU")
+    cpu_threads: int | str = _f("auto", doc="torch threads per stage process: auto = usable cores // num_processes "
+                                            "(at least 1), or an integer >= 1 (runtime.set_threads); operational")
+
+    def __post_init__(self) -> None:
+        # `int | str` passes _coerce unchecked: the one key whose value is a word or a number is checked here.
+        value = self.cpu_threads
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"hardware.cpu_threads must be auto or an integer >= 1 (got {value!r})")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 from edgerlhf import modeling
 from edgerlhf.config import HardwareParams, Params
 from edgerlhf.errors import ConfigError, EdgeRLHFError
-from edgerlhf.runtime import atomic_dir, seed_everything
+from edgerlhf.runtime import atomic_dir, seed_everything, set_threads
 
 log = logging.getLogger("edgerlhf")
 
@@ -145,8 +145,9 @@ def init_processes(hw: HardwareParams) -> Processes:
 
 
 def start_stage(params: Params) -> tuple[Processes, modeling.Device]:
-    """What a training stage does first: join its processes, seed, pick this process's device (under DDP its
-    own GPU) with the VRAM cap applied."""
+    """What a training stage does first: set its torch threads (hardware.cpu_threads, shared by its processes),
+    join its processes, seed, pick this process's device (under DDP its own GPU) with the VRAM cap applied."""
+    set_threads(params.hardware)
     procs = init_processes(params.hardware)
     seed_everything(params.seed)
     return procs, modeling.resolve_device(params.hardware, procs.local_rank)

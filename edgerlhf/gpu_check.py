@@ -253,9 +253,12 @@ def stage_runs(dvc: dict, params: dict, names: Sequence[str] = STAGES) -> list[S
             argv = shlex.split(render(spec["cmd"], params, item))
             if argv and argv[0] == "python":
                 argv[0] = sys.executable
-            metrics = _paths(render(spec.get("metrics"), params, item))
+            outs = _paths(render(spec.get("outs"), params, item))
+            # the stage's detail metrics file: a plain output under metrics/ (metrics/headline.json, the one DVC
+            # metric, is the report's, which the check does not run)
+            metrics = [o for o in outs if o.startswith("metrics/") and o.endswith(".json")]
             runs.append(StageRun(name, stage, tuple(argv), _paths(render(spec.get("deps"), params, item)),
-                                 _paths(render(spec.get("outs"), params, item)), metrics[0] if metrics else None))
+                                 outs, metrics[0] if metrics else None))
     missing = [n for n in names if not any(r.stage == n for r in runs)]
     if missing:
         raise ValueError(f"dvc.yaml has no stage {', '.join(missing)}")

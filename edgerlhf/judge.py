@@ -285,12 +285,12 @@ def train_judge(params: Params, device: Device, train: list[dict], test: list[di
     adapter = work / "adapter"
     jt = ep.judge_training
     lora = dataclasses.replace(params.lora, r=jt.lora_r, alpha=jt.lora_alpha, dropout=jt.lora_dropout)
-    metrics, _, _ = reward.train_reward(params, base, "bf16", train, test, adapter, work / "trainer", device,
+    metrics, _ = reward.train_reward(params, base, "bf16", train, test, adapter, work / "trainer", device,
                                         name="judge", training=jt, lora=lora)
     model = precisions.load_reward_model(base, adapter, "bf16", device, params.model.trust_remote_code)
     merged = model.merge_and_unload()
-    merged.save_pretrained(out, safe_serialization=True)
-    modeling.load_tokenizer(base, params.model.trust_remote_code).save_pretrained(out)
+    modeling.save_model(merged, out)
+    modeling.save_tokenizer(modeling.load_tokenizer(base, params.model.trust_remote_code), out)
     del model, merged
     free_memory()
     origin = params.model.name if params.model.source == "hub" else params.model.source

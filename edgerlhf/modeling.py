@@ -6,6 +6,7 @@ with safetensors and `trust_remote_code` only when params say so.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -210,7 +211,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos, pad_token=eos)
     fast.model_max_length = 1 << 20
-    fast.save_pretrained(out_dir)
+    save_tokenizer(fast, out_dir)
     return fast
 
 
@@ -257,14 +258,52 @@ def snapshot_hub_model(model: ModelParams, out_dir: Path, lora_target_modules: S
     save_base(tok, lm, out_dir)
 
 
+# Keys a library writes into a saved config that depend on how it was called, not on the model (transformers
+# records local_files_only, i.e. whether HF_HUB_OFFLINE was set): dropped, so equal models are equal bytes.
+VOLATILE_CONFIG_KEYS = {"tokenizer_config.json": ("local_files_only",)}
+
+
+def stable_files(folder: str | Path) -> None:
+    """Make a saved folder's JSON byte-stable: an adapter's target_modules sorted (PEFT writes a set, in a random
+    order per process) and VOLATILE_CONFIG_KEYS dropped. Equal weights then give equal DVC hashes, so a rerun that
+    changes nothing does not rerun what depends on it."""
+    folder = Path(folder)
+    adapter = folder / "adapter_config.json"
+    if adapter.is_file():
+        cfg = json.loads(adapter.read_text())
+        if isinstance(cfg.get("target_modules"), list):
+            cfg["target_modules"] = sorted(cfg["target_modules"])
+            adapter.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    for name, keys in VOLATILE_CONFIG_KEYS.items():
+        path = folder / name
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            if any(k in cfg for k in keys):
+                for k in keys:
+                    cfg.pop(k, None)
+                path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_model(model: torch.nn.Module, out_dir: str | Path) -> None:
+    """`save_pretrained` as safetensors, byte-stable (`stable_files`): a model or a PEFT adapter."""
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    stable_files(out_dir)
+
+
+def save_tokenizer(tok: Any, out_dir: str | Path) -> None:
+    """`save_pretrained` of a tokenizer, byte-stable (`stable_files`)."""
+    tok.save_pretrained(str(out_dir))
+    stable_files(out_dir)
+
+
 def save_base(tok, lm: torch.nn.Module, out_dir: Path) -> None:
     """models/base as every later stage reads it: safetensors weights, config (pad token set), tokenizer."""
     if tok.pad_token is None:
         # GPT-2 family has no pad token: reuse EOS (masks are derived from positions, never from ids != pad).
         tok.pad_token = tok.eos_token
     lm.config.pad_token_id = tok.pad_token_id
-    lm.save_pretrained(out_dir, safe_serialization=True)
-    tok.save_pretrained(out_dir)
+    save_model(lm, out_dir)
+    save_tokenizer(tok, out_dir)
 
 
 # An HH-style prompt every usable tokenizer turns into tokens (an empty or unfit vocabulary gives none).

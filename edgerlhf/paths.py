@@ -8,7 +8,7 @@ DATA = Path("data/prepared")
 LABELLED = Path("data/labelled")  # the judge stage: rm_train / rm_test with the labels the reward models learn
 MODELS = Path("models")
 METRICS = Path("metrics")
-PLOTS = Path("plots")
+LIVE = Path("dvclive")  # live curves of the training stages, one folder per stage instance (edgerlhf/live.py)
 REPORTS = Path("reports")
 WORK = Path(".cache/work")  # trainer scratch space and resumable checkpoints: not a DVC output
 
@@ -48,6 +48,7 @@ def ppo_metrics(precision: str) -> Path:
 
 LENGTHS_METRICS = METRICS / "lengths.json"  # the check stage: token statistics of the splits
 JUDGE_METRICS = METRICS / "judge.json"
+HEADLINE_METRICS = METRICS / "headline.json"  # the one DVC metrics file: per precision, what dvc exp show compares
 EVAL_METRICS = METRICS / "eval.json"
 SAMPLES = REPORTS / "samples.jsonl"
 SUMMARY = REPORTS / "summary.md"
@@ -56,6 +57,6 @@ CHART_GOLD_VS_KL = CHARTS / "gold_vs_kl.png"
 CHART_EVAL = CHARTS / "eval_comparison.png"
 
 
-def ppo_eval_curve(precision: str) -> Path:
-    """Gold/proxy reward against KL at the PPO stage's periodic evaluations (update, kl, gold, proxy)."""
-    return PLOTS / "ppo_eval" / f"{precision}.csv"
+def live_dir(stage: str, precision: str = "") -> Path:
+    """The dvclive folder of a training stage instance: dvclive/sft, dvclive/reward/<P>, dvclive/ppo/<P>."""
+    return LIVE / stage / precision if precision else LIVE / stage

@@ -440,7 +440,7 @@ def save_policy(policy: PolicyWithValue, out_dir: str | Path, score_stats: tuple
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    policy.model.save_pretrained(str(out_dir), safe_serialization=True)
+    modeling.save_model(policy.model, out_dir)
     head = {name: t.detach().float().cpu().contiguous() for name, t in policy.value_head.state_dict().items()}
     save_file(head, str(out_dir / VALUE_HEAD_FILE))
     if score_stats is not None:
@@ -946,17 +946,22 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
               on_log: Callable[[int, dict[str, float]], None] | None = None, progress: bool = True,
               evaluator: Evaluator | None = None, score_stats: tuple[float, float] | None = None,
               checkpoint: Checkpointing | None = None, procs: Processes = SINGLE,
-              loss_scaling: bool | None = None) -> PPOResult:
+              loss_scaling: bool | None = None,
+              on_progress: Callable[[list[dict[str, float]], list[dict[str, float]]], None] | None = None
+              ) -> PPOResult:
     """Run PPO on `policy` for total_episodes // (batch_size * processes) updates; returns the per-update stats.
 
     prompts: token-id lists (formatted and tokenized). score_fn: raw scores of a batch (see ScoreFn;
     `reward_model_score_fn` wraps an RM). tokenizer: pad/eos ids. score_stats: a known (mean, std) of the raw
     score; by default measured on SFT samples when normalize_score (else (0, 1)). evaluator: run before the first
     update, every eval_every updates and after the last (update 0 = the SFT policy); its gold/proxy go into that
-    update's stats and into PPOResult.evals. on_log(update, stats) every log_every updates. checkpoint: the loop's
-    state every checkpoint_every updates; a run that finds a checkpoint of the same run continues from it and
-    ends as an uninterrupted run would. procs: in a DDP run each process samples its own batch_size episodes per
-    update, gradients are averaged before every optimizer step and the stats are means over all processes.
+    update's stats and into PPOResult.evals. on_log(update, stats) every log_every updates. on_progress(history,
+    evals): the whole history and evaluations so far, once before the first update (a resumed run's restored ones
+    included) and after every update; a live logger logs what it has not seen (edgerlhf.live.PPOLive).
+    checkpoint: the loop's state every checkpoint_every updates; a run that finds a checkpoint of the same run
+    continues from it and ends as an uninterrupted run would. procs: in a DDP run each process samples its own
+    batch_size episodes per update, gradients are averaged before every optimizer step and the stats are means over
+    all processes.
     loss_scaling: a GradScaler on the backward pass (default: when the backbone is fp16).
     """
     from tqdm.auto import tqdm
@@ -983,6 +988,8 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
             policy, prompts, score_fn, params, eos_id, pad_id, device, state.shuffle_rng, procs))
         if evaluate:
             state.evals.append({"update": 0.0, **evaluate(policy, score_fn, params, device)})
+    if on_progress is not None:
+        on_progress(state.history, state.evals)
     start = state.update
     bar = tqdm(range(start + 1, num_updates + 1), initial=state.update, total=num_updates, desc="ppo",
                unit="update", disable=not progress)
@@ -1008,6 +1015,8 @@ def train_ppo(policy: PolicyWithValue, tokenizer: Any, prompts: Sequence[Sequenc
         bar.set_postfix(score=f"{stats['score']:.3f}", kl=f"{stats['kl']:.3f}")
         if on_log is not None and update % params.log_every == 0:
             on_log(update, stats)
+        if on_progress is not None:
+            on_progress(state.history, state.evals)
         if not all(math.isfinite(v) for k, v in stats.items() if k != "explained_variance"):
             raise EdgeRLHFError(f"PPO diverged at update {update} (non-finite stats); lower ppo.learning_rate")
         if ckpt is not None and update % params.checkpoint_every == 0 and update < num_updates:

@@ -1,11 +1,12 @@
 """The PPO stage's glue: load policy (merged SFT + fresh LoRA + value head) and the quantized RM, run
-`ppo.train_ppo`, save the policy, and turn its history into metrics and plot rows."""
+`ppo.train_ppo`, save the policy, and turn its history into metrics (the curves are logged live: edgerlhf.live)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,8 +20,9 @@ from edgerlhf.modeling import Device
 
 log = logging.getLogger("edgerlhf")
 
-# Every per-update stat of train_ppo (ppo.rollout_stats, ppo.UPDATE_STATS and the first-step checks) is a curve;
-# tests/test_ppo_stage.py guards that none is left out.
+# Every per-update stat of train_ppo (ppo.rollout_stats, ppo.UPDATE_STATS and the first-step checks) is a curve,
+# logged live at step = update (dvclive/ppo/<P>/plots/metrics/<key>.tsv; "update" is the step itself);
+# tests/test_ppo_trust.py guards that none is left out.
 PLOT_KEYS = ("update", "episodes", "score", "score_norm", "kl", "beta", "rlhf_reward", "entropy", "clipfrac",
              "approx_kl", "value_loss", "policy_loss", "vf_clipfrac", "grad_norm", "ratio_dev_first",
              "skipped_steps", "explained_variance", "lr", "response_tokens", "no_eos_fraction")
@@ -65,12 +67,6 @@ def _finite(x: float) -> float:
     return round(x, 6)
 
 
-def _curve_value(key: str, x: float) -> float | str:
-    """A curve cell: the explained variance is undefined (NaN) when the returns of a batch do not vary; that
-    cell stays empty (a gap in the plot), never a made-up 0."""
-    return "" if key == "explained_variance" and math.isnan(x) else _finite(x)
-
-
 def explained_variance_summary(history: list[dict]) -> dict[str, float | int]:
     """Mean and last of the explained variance over the updates where it is defined, and how many were not."""
     defined = [row["explained_variance"] for row in history if math.isfinite(row["explained_variance"])]
@@ -82,12 +78,13 @@ def explained_variance_summary(history: list[dict]) -> dict[str, float | int]:
 
 
 def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, splits: dict[str, list[dict]], *,
-            checkpoint_dir: Path | None = None, fingerprint: str = "", procs: Processes = SINGLE
-            ) -> tuple[dict, list[dict], list[dict]]:
-    """Train the PPO policy against reward@precision; save it to `out_dir`. Returns (metrics, curves, evals).
+            checkpoint_dir: Path | None = None, fingerprint: str = "", procs: Processes = SINGLE,
+            on_progress: Callable[[list[dict], list[dict]], None] | None = None) -> dict:
+    """Train the PPO policy against reward@precision; save it to `out_dir`. Returns the stage's metrics.
     splits: ppo_prompts and eval_prompts as the stage read and checked them (data.read_splits).
     checkpoint_dir / fingerprint: resumable checkpoints every ppo.checkpoint_every updates (see train_ppo).
-    procs: this process's place in a DDP run (each process samples its own episodes; see train_ppo)."""
+    procs: this process's place in a DDP run (each process samples its own episodes; see train_ppo).
+    on_progress: train_ppo's live logging hook (edgerlhf.live.PPOLive; None in the processes that do not log)."""
     tokenizer = modeling.load_tokenizer(paths.SFT_MERGED, params.model.trust_remote_code)
     base = load_policy_base(params, device)
     policy = ppo.build_policy(base, params.ppo, modeling.lora_targets(base, params.lora.target_modules))
@@ -108,10 +105,11 @@ def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, split
                  if gold else None)
     result = ppo.train_ppo(policy, tokenizer, prompts, score_fn, params.ppo, device=device.torch_device,
                            seed=params.seed, evaluator=evaluator, procs=procs, progress=procs.is_main,
-                           checkpoint=ppo.Checkpointing(checkpoint_dir, fingerprint) if checkpoint_dir else None)
+                           checkpoint=ppo.Checkpointing(checkpoint_dir, fingerprint) if checkpoint_dir else None,
+                           on_progress=on_progress)
 
     ppo.save_policy(policy, out_dir, (result.score_mean, result.score_std))
-    tokenizer.save_pretrained(out_dir)
+    modeling.save_tokenizer(tokenizer, out_dir)
     probe = eval_records[:8]
     (out_dir / PROBE_FILE).write_text(json.dumps({
         "records": probe, "temperature": params.ppo.temperature,
@@ -121,7 +119,6 @@ def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, split
         sort_keys=False))
 
     h = result.history
-    curves = [{k: _curve_value(k, row[k]) for k in PLOT_KEYS} for row in h]
     kl_at = {int(row["update"]): row["kl"] for row in h}
     evals = [{"update": int(e["update"]), "kl": _finite(kl_at.get(int(e["update"]), 0.0)),
               "gold": _finite(e["gold"]), "proxy": _finite(e["proxy"])} for e in result.evals]
@@ -153,4 +150,4 @@ def run_ppo(params: Params, precision: str, device: Device, out_dir: Path, split
     log.info("PPO@%s: proxy reward %.3f -> %.3f, KL %.3f, %.2f episodes/s", precision,
              metrics["proxy_reward_start"], metrics["proxy_reward_end"], metrics["kl_end"],
              metrics["episodes_per_s"])
-    return metrics, curves, evals
+    return metrics

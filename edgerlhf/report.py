@@ -14,7 +14,6 @@ empty responses reaches EMPTY_RESPONSE_FLAG.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgerlhf import paths
+from edgerlhf import live, paths
 from edgerlhf.config import DEFAULT_JUDGE, SPLITS
 from edgerlhf.errors import ArtifactError, ConfigError, EdgeRLHFError
 
@@ -123,7 +122,7 @@ def unsupported_numbers(text: str, values: Iterable[float]) -> list[str]:
 @dataclass
 class RunMetrics:
     """Everything the report reads: metrics files, the judge stage's judge.json files and the PPO stage's periodic
-    gold/proxy evaluations."""
+    gold/proxy evaluations (its live folder's eval.json: edgerlhf.live.read_eval_curve)."""
 
     precisions: list[str]
     data: dict
@@ -159,14 +158,6 @@ def _read(path: Path, stage: str) -> dict:
         raise ArtifactError(f"{path} is not valid JSON ({exc}): rerun `dvc repro {stage}`") from None
 
 
-def read_curve(path: Path) -> list[dict[str, float]]:
-    """Rows of a plots CSV as floats (empty list when the file is absent)."""
-    if not path.is_file():
-        return []
-    with path.open() as fh:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
-
-
 def read_judge_info(root: Path) -> dict[str, Any]:
     """models/judge/judge.json under `root`: which gold judge the judge stage built (`kind` in JUDGE_KINDS)."""
     path = Path(root) / paths.JUDGE_INFO
@@ -190,12 +181,41 @@ def load_run(root: Path, precisions: list[str], data_source: str = "", labels: s
         reward={p: _read(root / paths.reward_metrics(p), f"reward@{p}") for p in precisions},
         ppo={p: _read(root / paths.ppo_metrics(p), f"ppo@{p}") for p in precisions},
         eval=_read(root / paths.EVAL_METRICS, "evaluate"),
-        curves={p: read_curve(root / paths.ppo_eval_curve(p)) for p in precisions},
+        curves={p: live.read_eval_curve(root / paths.live_dir("ppo", p)) for p in precisions},
         data_source=data_source, labels=labels, judge=read_judge_info(root),
         judge_metrics=_read(root / paths.JUDGE_METRICS, "judge"))
 
 
 # --------------------------------------------------------------------------- tables
+
+
+# metrics/headline.json, the one DVC metrics file (what `dvc exp show` / `dvc metrics diff` compare): per precision,
+# (name in headline.json, source file, key there). The detail files under metrics/ are outputs, read by the report.
+HEADLINE_KEYS = (
+    ("gold", "eval", "gold_reward"),
+    ("gold_gain", "eval", "gold_gain_vs_sft"),
+    ("win_rate", "eval", "win_rate_vs_sft"),
+    ("kl", "eval", "kl_to_sft"),
+    ("proxy_gain", "eval", "proxy_gain_vs_sft"),
+    ("rm_acc", "reward", "accuracy"),
+    ("rm_agree", "eval", "choice_agreement_vs_bf16"),
+)
+HEADLINE_DECIMALS = 4
+
+
+def headline(run: RunMetrics) -> dict[str, dict[str, float]]:
+    """The headline numbers of a run, per precision (gold reward and gain over SFT, win-rate vs SFT, KL to SFT,
+    proxy gain, RM accuracy on rm_test, RM agreement with bf16), plus SFT's gold reward; keys without a value
+    (no gold judge, bf16's agreement with itself) are left out."""
+    out: dict[str, dict[str, float]] = {}
+    if "gold_reward" in run.eval.get("sft", {}):
+        out["sft"] = {"gold": round(run.eval["sft"]["gold_reward"], HEADLINE_DECIMALS)}
+    for p in run.precisions:
+        sources = {"eval": {**run.eval.get(f"ppo_{p}", {}), **run.eval.get(f"rm_{p}", {})}, "reward": run.reward[p]}
+        row = {name: round(float(sources[src][key]), HEADLINE_DECIMALS) for name, src, key in HEADLINE_KEYS
+               if isinstance(sources[src].get(key), (int, float))}
+        out[p] = row
+    return out
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgerlhf import paths
-from edgerlhf.config import Params, to_dict
+from edgerlhf.config import OPERATIONAL_KEYS, Params, to_dict
 from edgerlhf.distributed import SINGLE, Processes
 
 log = logging.getLogger("edgerlhf")
@@ -47,10 +47,18 @@ def _sha256_file(path: Path) -> str:
 
 
 def fingerprint(stage: str, params: Params, inputs: Iterable[str | Path]) -> str:
-    """sha256 over the stage name, the full params (as JSON) and every input file (folders: every file in them,
-    by relative path). Any change to them makes an old checkpoint someone else's."""
+    """sha256 over the stage name, the params (as JSON, without OPERATIONAL_KEYS: a new checkpoint interval or
+    thread count keeps the checkpoints) and every input file (folders: every file in them, by relative path). Any
+    other change makes an old checkpoint someone else's."""
     digest = hashlib.sha256()
-    digest.update(json.dumps({"stage": stage, "params": to_dict(params)}, sort_keys=True).encode())
+    values = to_dict(params)
+    for key in OPERATIONAL_KEYS:
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    digest.update(json.dumps({"stage": stage, "params": values}, sort_keys=True).encode())
     for item in map(Path, inputs):
         if item.is_dir():
             for f in sorted(p for p in item.rglob("*") if p.is_file()):

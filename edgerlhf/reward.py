@@ -74,15 +74,16 @@ def adapter_size_mb(adapter_dir: Path) -> float:
 
 def train_reward(params: Params, sft_dir: Path, precision: str, train_records: list[dict],
                  test_records: list[dict], out_dir: Path, work_dir: Path, device: Device, name: str = "",
-                 training: RewardTraining | None = None, lora: LoraParams | None = None
-                 ) -> tuple[dict, list[dict], dict]:
+                 training: RewardTraining | None = None, lora: LoraParams | None = None,
+                 callbacks: list | None = None) -> tuple[dict, list[dict], dict]:
     """Train the reward model at `precision`; save its adapter (+ score head) and tokenizer into `out_dir`.
 
-    Returns (metrics, per-step log, rm_test scores). Pairs too long for reward.max_length are dropped and
-    counted (`train_pairs_too_long`), never silently. Checkpoints every reward.checkpoint_every steps into
+    Returns (metrics, rm_test scores); the per-step curves go to dvclive. Pairs too long for reward.max_length are
+    dropped and counted (`train_pairs_too_long`), never silently. Checkpoints every reward.checkpoint_every steps into
     `work_dir` and resumes from the newest one found there (the caller claims it: `resume.claim`). `name`: what
     the logs call the model (default reward@<precision>); `training` / `lora`: another recipe than params.reward /
-    params.lora (the trained gold judge's)."""
+    params.lora (the trained gold judge's); `callbacks`: more Trainer callbacks (the stage's live curves:
+    edgerlhf.live.trainer_callback)."""
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
 
@@ -126,12 +127,14 @@ def train_reward(params: Params, sft_dir: Path, precision: str, train_records: l
         max_steps=rp.max_steps, max_length=rp.max_length, warmup_steps=rp.warmup_ratio,
         lr_scheduler_type=rp.lr_scheduler_type, weight_decay=rp.weight_decay,
         center_rewards_coefficient=rp.center_rewards_coefficient or None,
-        gradient_checkpointing=rp.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if rp.gradient_checkpointing else None,
+        activation_checkpointing=rp.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if rp.gradient_checkpointing else None,
+        disable_tqdm=False,  # the step bar with its ETA (runtime.trainer_progress_bar)
         logging_steps=rp.logging_steps, eval_strategy="no", report_to=[], dataloader_num_workers=0,
         **resume.trainer_save_args(rp.checkpoint_every), **modeling.trainer_precision_kwargs(device))
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
-                            train_dataset=Dataset.from_list(kept), callbacks=resume.trainer_callbacks())
+                            train_dataset=Dataset.from_list(kept),
+                            callbacks=resume.trainer_callbacks() + list(callbacks or []))
     modeling.align_trainable_dtype(trainer.model, torch.float32)
     trainable, total = modeling.count_params(trainer.model)
     log.info("%s: %d pairs, LoRA r=%d + score head, %d of %d params trainable",
@@ -142,8 +145,8 @@ def train_reward(params: Params, sft_dir: Path, precision: str, train_records: l
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     chosen, rejected = score_fits(trainer.model, tokenizer, test_fitted, rp.eval_batch_size, device)
-    trainer.model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    modeling.save_model(trainer.model, out_dir)
+    modeling.save_tokenizer(tokenizer, out_dir)
     metrics = {
         **M.reward_metrics(chosen, rejected, rp.ece_bins),
         "train_loss": round(resume.train_loss(trainer.state.log_history), 6),
@@ -158,8 +161,6 @@ def train_reward(params: Params, sft_dir: Path, precision: str, train_records: l
         "test_truncated": test_counts.truncated,
         "identical_after_truncation": test_counts.identical,
     }
-    steps = [{"step": e["step"], "loss": e["loss"], "accuracy": e.get("accuracy", 0.0)}
-             for e in trainer.state.log_history if "loss" in e]
     log.info("%s: rm_test accuracy %.3f, auc %.3f, ece %.3f", name, metrics["accuracy"],
              metrics["auc"], metrics["ece"])
-    return metrics, steps, {"chosen": chosen, "rejected": rejected}
+    return metrics, {"chosen": chosen, "rejected": rejected}

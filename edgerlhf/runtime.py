@@ -20,9 +20,9 @@ from edgerlhf.errors import EdgeRLHFError
 log = logging.getLogger("edgerlhf")
 
 
-def setup_logging(stage: str) -> None:
-    """Log lines say which stage they come from; quiet the libraries' chatter. In a DDP run (edgerlhf.launch)
-    the lines name the process, and only the main process logs progress: the others log warnings and errors."""
+def _log_format(stage: str) -> None:
+    """The stage's log lines (cheap: no library is imported). In a DDP run (edgerlhf.launch) the lines name the
+    process, and only the main process logs progress: the others log warnings and errors."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     where = stage if world == 1 else f"{stage} rank {rank}/{world}"
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -30,16 +30,103 @@ def setup_logging(stage: str) -> None:
                         force=True)
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def loading(stage: str) -> None:
+    """One line before a stage imports torch/transformers, which takes seconds: the pause after DVC's "Running
+    stage" is explained. Stage scripts call it first, above their other imports."""
+    _log_format(stage)
+    log.info("loading torch/transformers...")
+
+
+# Library warnings that nothing in this project or its params can act on, filtered at every stage start by message
+# and by the library module that issues them. None matches a module of edgerlhf: our own warnings always show
+# (tests/test_runtime.py checks the smoke log has none).
+LIBRARY_WARNINGS = (
+    # transformers 5 renamed the property to is_activation_checkpointing; peft (PeftModel.__init__) and trl
+    # (models/utils.py) still read the old name on every model they wrap. Their code, fixed by their next release.
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated", r"transformers\.modeling_utils"),
+    # torch 2.13 deprecates TorchScript; libraries decorate with torch.jit.script_method when imported (hidden by
+    # Python's default filters, shown under pytest or -W). We never call torch.jit.
+    (DeprecationWarning, r"`torch\.jit\.\w+` is deprecated", r"torch\.jit\."),
+)
+
+
+def quiet_library_warnings() -> None:
+    """Filter LIBRARY_WARNINGS (each one by message, category and issuing module)."""
+    import warnings
+
+    for category, message, module in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def setup_logging(stage: str) -> None:
+    """Log lines say which stage they come from; quiet the libraries' chatter (loggers at errors, the
+    non-actionable warnings of LIBRARY_WARNINGS)."""
+    _log_format(stage)
+    quiet_library_warnings()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import datasets
         import transformers
 
+        # Also makes TrainingArguments.disable_tqdm default to True: sft/reward set it False (trainer_progress_bar).
         transformers.utils.logging.set_verbosity_error()
         datasets.utils.logging.set_verbosity_error()
         datasets.disable_progress_bars()
     except ImportError:  # pragma: no cover - both are hard dependencies
         pass
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or taskset's limit, not the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_cpu_threads(setting: int | str, num_processes: int, cores: int | None = None) -> int:
+    """hardware.cpu_threads as a number: auto = usable cores shared by the stage's processes, at least 1."""
+    if setting == "auto":
+        return max(1, (usable_cores() if cores is None else cores) // max(1, num_processes))
+    return int(setting)
+
+
+def set_threads(hardware: Any) -> int:
+    """What every computing stage does first: torch's intra-op (OpenMP) and inter-op threads from
+    hardware.cpu_threads, whatever started the stage (dvc repro, make smoke, python stages/x.py) and whatever
+    OMP_NUM_THREADS says. Logs one line; returns the number (Timer.metrics records it as cpu_threads)."""
+    import torch
+
+    n = resolve_cpu_threads(hardware.cpu_threads, hardware.num_processes)
+    torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):  # settable once per process, before any inter-op work: else kept
+        torch.set_num_interop_threads(n)
+    how = (f"auto: {usable_cores()} usable cores / {hardware.num_processes} process(es)"
+           if hardware.cpu_threads == "auto" else str(hardware.cpu_threads))
+    log.info("threads %d (hardware.cpu_threads %s)", n, how)
+    return n
+
+
+def trainer_progress_bar() -> None:
+    """The HF Trainer's progress bar (steps done, rate, ETA) with the latest loss on it, for the stages that train
+    with a Trainer (sft, reward@P, a trained judge; their configs set disable_tqdm=False).
+
+    transformers' own bar (ProgressCallback) prints every logged dict on a line of its own; this one puts loss
+    (and accuracy) on the bar instead; the logged values stay in trainer.state.log_history and the live curves.
+    The Trainer adds the class transformers.trainer.DEFAULT_PROGRESS_CALLBACK itself, so that is where it goes."""
+    import transformers.trainer
+    from transformers.trainer_callback import ProgressCallback
+
+    class ProgressBar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                shown = {k: f"{logs[k]:.4g}" for k in ("loss", "accuracy") if isinstance(logs.get(k), (int, float))}
+                if shown:
+                    self.training_bar.set_postfix(shown, refresh=False)
+
+    transformers.trainer.DEFAULT_PROGRESS_CALLBACK = ProgressBar
 
 
 def seed_everything(seed: int) -> None:
@@ -140,12 +227,13 @@ def write_json(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-# Metrics that measure speed: they differ between otherwise identical runs (determinism and resume checks skip them).
-TIMING_KEYS = ("wall_time_s", "episodes_per_s", "rollout_tokens_per_s")
+# Metrics of how a run ran, not what it computed (speed, threads): they may differ between otherwise identical runs
+# (determinism and resume checks skip them).
+TIMING_KEYS = ("wall_time_s", "episodes_per_s", "rollout_tokens_per_s", "cpu_threads")
 
 
 class Timer:
-    """Wall-clock and peak-VRAM bookkeeping for a stage's metrics."""
+    """Wall-clock, peak-VRAM and thread-count bookkeeping for a stage's metrics."""
 
     def __init__(self) -> None:
         import torch
@@ -161,21 +249,5 @@ class Timer:
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
         reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
         return {"wall_time_s": round(time.perf_counter() - self.start, 3), "peak_vram_gb": round(peak, 4),
-                "peak_vram_reserved_gb": round(reserved, 4)}
+                "peak_vram_reserved_gb": round(reserved, 4), "cpu_threads": torch.get_num_threads()}
 
-
-def write_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Per-step curves for `dvc plots` (header from the first row), written atomically."""
-    import csv
-    import io
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.StringIO()
-    fields = list(rows[0]) if rows else ["step"]
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)

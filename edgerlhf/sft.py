@@ -32,13 +32,15 @@ def sft_examples(tokenizer, records: list[dict], max_length: int) -> tuple[list[
 
 
 def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_records: list[dict],
-              out_dir: Path, work_dir: Path, device: Device) -> tuple[dict, list[dict]]:
+              out_dir: Path, work_dir: Path, device: Device, callbacks: list | None = None
+              ) -> tuple[dict, list[dict]]:
     """Train the SFT LoRA; write `adapter/` and `merged/` (SFT weights merged into the base) into `out_dir`.
 
-    Returns (metrics, per-step log). `base_eval_loss` is the eval loss of the base model (the adapter switched
-    off), which makes "SFT beats the base" checkable from the metrics file.
+    Returns the metrics (the per-step curves go to dvclive). `base_eval_loss` is the eval loss of the base model
+    (the adapter switched off), which makes "SFT beats the base" checkable from the metrics file.
     Checkpoints every sft.checkpoint_every steps into `work_dir` and resumes from the newest one found there
-    (the caller makes sure it belongs to this work: `resume.claim`)."""
+    (the caller makes sure it belongs to this work: `resume.claim`). `callbacks`: more Trainer callbacks (the
+    stage's live curves: edgerlhf.live.trainer_callback)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -66,14 +68,15 @@ def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_re
         gradient_accumulation_steps=sp.gradient_accumulation_steps, num_train_epochs=sp.num_train_epochs,
         max_steps=sp.max_steps, max_length=sp.max_length, warmup_steps=sp.warmup_ratio,
         lr_scheduler_type=sp.lr_scheduler_type, weight_decay=sp.weight_decay,
-        gradient_checkpointing=sp.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if sp.gradient_checkpointing else None,
+        activation_checkpointing=sp.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if sp.gradient_checkpointing else None,
+        disable_tqdm=False,  # the step bar with its ETA (runtime.trainer_progress_bar)
         logging_steps=sp.logging_steps, eval_strategy="no", report_to=[], completion_only_loss=True, packing=False,
         dataloader_num_workers=0, dataset_num_proc=None, **resume.trainer_save_args(sp.checkpoint_every),
         **modeling.trainer_precision_kwargs(device))
     trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=lora,
                          train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows),
-                         callbacks=resume.trainer_callbacks())
+                         callbacks=resume.trainer_callbacks() + list(callbacks or []))
     trainable, total = modeling.count_params(trainer.model)
     log.info("SFT: %d train / %d eval examples, LoRA r=%d on %s, %d of %d params trainable",
              len(train_rows), len(eval_rows), params.lora.r, ",".join(targets), trainable, total)
@@ -92,12 +95,10 @@ def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_re
     log.info("SFT: eval loss %.4f (base %.4f), train loss %.4f", eval_loss, base_eval, train_loss)
 
     adapter_dir = out_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
-    tokenizer.save_pretrained(adapter_dir)
+    modeling.save_model(trainer.model, adapter_dir)
+    modeling.save_tokenizer(tokenizer, adapter_dir)
     merge_adapter(base_dir, adapter_dir, out_dir / "merged", params.model.trust_remote_code)
 
-    steps = [{"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate", 0.0)}
-             for e in trainer.state.log_history if "loss" in e]
     metrics = {
         "train_loss": round(float(train_loss), 6),
         "eval_loss": round(float(eval_loss), 6),
@@ -113,7 +114,7 @@ def train_sft(params: Params, base_dir: Path, train_records: list[dict], eval_re
         "eval_dropped_too_long": eval_counts.dropped_too_long,
         "optimizer_steps": int(trainer.state.global_step),
     }
-    return metrics, steps
+    return metrics
 
 
 def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, trust_remote_code: bool = False) -> None:
@@ -127,5 +128,5 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path, trust_remote
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, use_safetensors=True,
                                                 trust_remote_code=trust_remote_code)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    modeling.load_tokenizer(base_dir, trust_remote_code).save_pretrained(out_dir)
+    modeling.save_model(merged, out_dir)
+    modeling.save_tokenizer(modeling.load_tokenizer(base_dir, trust_remote_code), out_dir)

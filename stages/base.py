@@ -1,5 +1,10 @@
 """Stage `base`: materialise the base model + tokenizer into models/base (hub snapshot, local folder or tiny build)."""
 
+# ruff: noqa: E402 - loading() speaks before the imports below, which load torch/transformers (seconds)
+from edgerlhf.runtime import loading, set_threads
+
+loading("base")
+
 from edgerlhf import data, modeling, paths
 from edgerlhf.config import load_params
 from edgerlhf.runtime import atomic_dir, log, run_stage, seed_everything
@@ -17,6 +22,7 @@ def main() -> None:
                  type(model).__name__, modeling.count_params(model)[1])
     # Training text only (see data.pretraining_corpus): no evaluation text shapes the vocabulary or weights.
     texts = data.read_corpus(paths.CORPUS) if source == "tiny" else []
+    set_threads(params.hardware)
     with atomic_dir(paths.BASE) as out:
         if source == "local":
             modeling.save_base(tokenizer, model, out)
@@ -34,7 +40,7 @@ def main() -> None:
                                             tiny.pretrain_lr, params.seed)
             if losses:
                 log.info("pretrained %d steps: LM loss %.3f -> %.3f", len(losses), losses[0], losses[-1])
-            model.save_pretrained(out, safe_serialization=True)
+            modeling.save_model(model, out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 """Stage `judge`: the gold judge into models/judge (eval.judge), its accuracy on rm_test into metrics/judge.json, and
 rm_train / rm_test as the reward models learn them (data.labels: human copies them, judge orders them by the judge)."""
 
+# ruff: noqa: E402 - loading() speaks before the imports below, which load torch/transformers (seconds)
+from edgerlhf.runtime import loading, set_threads, trainer_progress_bar
+
+loading("judge")
+
 from edgerlhf import data, judge, paths, resume
 from edgerlhf import metrics as M
 from edgerlhf.config import load_params
@@ -11,11 +16,14 @@ from edgerlhf.runtime import Timer, atomic_dir, log, run_stage, seed_everything,
 def main() -> None:
     params = load_params()
     kind = judge.judge_kind(params)
+    if kind == judge.TRAINED:
+        trainer_progress_bar()
     # Inputs first (every split record, the base model for a trained judge); outputs are replaced only on success.
     names = ["rm_train", "rm_test"] + (["judge_train"] if kind == judge.TRAINED else [])
     splits = data.read_splits(params.data.sizes, *names)
     if kind == judge.TRAINED and not params.eval.judge_base:
         require_model(paths.BASE, "base")
+    set_threads(params.hardware)
     seed_everything(params.seed)
     device = resolve_device(params.hardware)
     log.info("judge %s (eval.judge %s), labels %s, device %s", kind, params.eval.judge, params.data.labels,

@@ -8,6 +8,7 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
+import pytest
 import yaml
 
 from edgerlhf.config import RewardParams, load_params
@@ -78,11 +79,23 @@ def test_every_stage_depends_on_the_code_it_runs():
 
 def test_reward_stage_params_are_the_reward_fields():
     """Single keys, not the whole section (adding a precision must not retrain the others), so every new
-    RewardParams field must be listed by hand; `precisions` is the matrix itself."""
+    RewardParams field must be listed by hand; `precisions` is the matrix itself, operational keys stay out."""
+    from edgerlhf.config import OPERATIONAL_KEYS
+
     listed = {p for p in stages()["reward"]["params"] if isinstance(p, str) and p.startswith("reward.")}
-    fields_ = {f"reward.{f.name}" for f in fields(RewardParams) if f.name != "precisions"}
+    fields_ = {f"reward.{f.name}" for f in fields(RewardParams) if f.name != "precisions"} - set(OPERATIONAL_KEYS)
     assert not fields_ - listed, f"dvc.yaml stage reward: add to params: {', '.join(sorted(fields_ - listed))}"
     assert not listed - fields_, f"dvc.yaml stage reward: no such reward params: {', '.join(sorted(listed - fields_))}"
+
+
+# A file of a stage instance's live folder (edgerlhf/live.py): dvclive/<stage>[/<P>]/plots/... ; group 1 the folder.
+LIVE_FILE = re.compile(r"(dvclive/(sft|reward|ppo)(?:/(\w+))?)/plots/(metrics/(.+)\.tsv|custom/eval\.json)")
+
+
+def plot_sources(spec: dict) -> dict[str, str]:
+    """file -> field of every file a plot definition reads (its y and, when it names files, its x)."""
+    return {**(spec["y"] if isinstance(spec.get("y"), dict) else {}),
+            **(spec["x"] if isinstance(spec.get("x"), dict) else {})}
 
 
 def test_combined_plots_show_every_precision():
@@ -90,18 +103,53 @@ def test_combined_plots_show_every_precision():
     problems = []
     for plot in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]:
         (title, spec), = plot.items()
-        files = list(spec["y"]) if isinstance(spec.get("y"), dict) else []
-        per_precision = [f for f in files if re.fullmatch(r"plots/[\w/]+/\w+\.csv", f)]
-        shown = {Path(f).stem for f in per_precision}
-        for folder in sorted({Path(f).parent.as_posix() for f in per_precision}):
-            missing = precisions - {Path(f).stem for f in per_precision if Path(f).parent.as_posix() == folder}
-            if missing:
-                column = spec["y"][per_precision[0]]
+        series: dict[tuple[str, str, str], set[str]] = {}  # (stage, file below the precision, field) -> precisions
+        for f, field in (spec["y"] if isinstance(spec.get("y"), dict) else {}).items():
+            m = LIVE_FILE.fullmatch(f)
+            if m and m.group(3):
+                series.setdefault((m.group(2), f[len(m.group(1)) + 1:], field), set()).add(m.group(3))
+        for (stage, rest, field), shown in sorted(series.items()):
+            if precisions - shown:
                 problems.append(f"dvc.yaml plots.{title}: add " + ", ".join(
-                    f"`{folder}/{p}.csv: {column}`" for p in sorted(missing)) + " to y")
-        if shown - precisions:
-            problems.append(f"dvc.yaml plots.{title}: remove {', '.join(sorted(shown - precisions))} "
-                            "(not in reward.precisions)")
+                    f"`dvclive/{stage}/{p}/{rest}: {field}`" for p in sorted(precisions - shown)) + " to y")
+            if shown - precisions:
+                problems.append(f"dvc.yaml plots.{title}: remove {', '.join(sorted(shown - precisions))} "
+                                "(not in reward.precisions)")
+    assert not problems, "\n".join(problems)
+
+
+def test_plots_read_what_the_stages_log():
+    """Every file a plot reads is a live file a stage writes: in a live folder the stage declares as an output,
+    a curve it logs (PPO: ppo_stage.PLOT_KEYS and eval/<key>; Trainer stages: the Trainer's log keys), read by the
+    column dvclive names after the metric; the gold-vs-KL data (eval.json) by its keys with x: kl. No stage keeps
+    a plot of its own that repeats the combined ones."""
+    from edgerlhf import live
+    from edgerlhf.ppo_stage import PLOT_KEYS
+
+    precisions = load_params(ROOT / "params.yaml").reward.precisions
+    logged = {"ppo": set(PLOT_KEYS) - {"update"} | {f"eval/{k}" for k in live.EVAL_KEYS},
+              "sft": {"loss", "grad_norm", "learning_rate", "epoch"}, "reward": {"loss", "grad_norm", "learning_rate",
+                                                                                 "epoch", "accuracy"}}
+    outs = {name: {next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])}
+            for name, stage in stages().items()}
+    problems = [f"dvc.yaml stage {name}: remove its `plots:` (the combined `plots:` draw its live files)"
+                for name, stage in stages().items() if stage.get("plots")]
+    for plot in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]:
+        (title, spec), = plot.items()
+        for f, field in plot_sources(spec).items():
+            m = LIVE_FILE.fullmatch(f)
+            if not m:
+                problems.append(f"dvc.yaml plots.{title}: {f} is no live file (dvclive/<stage>[/<P>]/plots/...)")
+                continue
+            stage, precision, name = m.group(2), m.group(3), m.group(5)
+            folder = f"dvclive/{stage}" + ("/${item.precision}" if precision else "")
+            if folder not in outs[stage] or (precision or "") not in ((*precisions,) if stage != "sft" else ("",)):
+                problems.append(f"dvc.yaml plots.{title}: {f} is in no stage's live folder ({folder} in its outs)")
+            if name is None:  # eval.json
+                if stage != "ppo" or field not in live.EVAL_KEYS or spec.get("x") != "kl":
+                    problems.append(f"dvc.yaml plots.{title}: {f} holds {', '.join(live.EVAL_KEYS)} (x: kl)")
+            elif name not in logged[stage] or field != name.rsplit("/", 1)[-1]:
+                problems.append(f"dvc.yaml plots.{title}: {f}: {field} is no curve the {stage} stage logs there")
     assert not problems, "\n".join(problems)
 
 
@@ -148,3 +196,49 @@ def test_the_default_input_paths_exist():
     for folder in (LOCAL_DATA_DIR, LOCAL_MODEL_DIR):
         assert (ROOT / folder / "README.md").is_file(), f"{folder}/README.md is missing: it keeps the folder in git"
     assert set(smoke.INPUT_DIRS) == {LOCAL_DATA_DIR, LOCAL_MODEL_DIR}
+
+
+def _leaf_keys(prefix: str, obj) -> list[str]:
+    if not isinstance(obj, dict):
+        return [prefix]
+    return [k for key, value in obj.items() for k in _leaf_keys(f"{prefix}.{key}" if prefix else key, value)]
+
+
+def tracked_params(stage: dict) -> set[str]:
+    """Every params.yaml leaf key a stage's `params:` makes DVC track (a section tracks all its keys)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    out: set[str] = set()
+    for entry in stage.get("params", []):
+        node = params
+        for part in entry.split("."):
+            node = node[part]
+        out.update(_leaf_keys(entry, node))
+    return out
+
+
+def test_operational_keys_are_no_stage_dependency():
+    """Editing a key that changes how a stage runs, not what it produces, must rerun nothing (#15)."""
+    from edgerlhf.config import OPERATIONAL_KEYS
+
+    flat = set(_leaf_keys("", yaml.safe_load((ROOT / "params.yaml").read_text())))
+    assert set(OPERATIONAL_KEYS) <= flat, f"not in params.yaml: {sorted(set(OPERATIONAL_KEYS) - flat)}"
+    problems = [f"dvc.yaml stage {name} tracks operational {key}" for name, stage in stages().items()
+                for key in sorted(tracked_params(stage) & set(OPERATIONAL_KEYS))]
+    assert not problems, "\n".join(problems)
+    readme = (ROOT / "README.md").read_text()
+    assert [k for k in OPERATIONAL_KEYS if f"`{k}`" not in readme] == [], "README must name every operational key"
+
+
+@pytest.mark.parametrize("stage, section", [("sft", "sft"), ("ppo", "ppo"), ("reward", "reward"),
+                                            ("judge", "eval.judge_training")])
+def test_a_training_stage_tracks_every_result_key_of_its_section(stage, section):
+    """Listing keys one by one (to leave out the operational ones) must not drop a key that changes results."""
+    from edgerlhf.config import OPERATIONAL_KEYS
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    node = params
+    for part in section.split("."):
+        node = node[part]
+    wanted = set(_leaf_keys(section, node)) - set(OPERATIONAL_KEYS) - {"reward.precisions"}
+    missing = wanted - tracked_params(stages()[stage])
+    assert not missing, f"dvc.yaml stage {stage}: add to params: {', '.join(sorted(missing))}"

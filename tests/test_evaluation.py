@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from edgerlhf import evaluation as E
+from edgerlhf import live, paths, ppo
 from edgerlhf import metrics as M
-from edgerlhf import ppo
 from edgerlhf import report as R
 from edgerlhf.config import PPOParams, parse_params
 from edgerlhf.judge import KINDS, describe
@@ -131,9 +131,42 @@ def test_policy_metrics_hand_values():
     assert m["gold_reward_lo"] <= 1.0 <= m["gold_reward_hi"]
     assert 0.0 <= m["win_rate_vs_sft_lo"] <= 0.5 <= m["win_rate_vs_sft_hi"] <= 1.0
     assert m["gold_gain_vs_sft"] == 0.0 and m["gold_gain_per_kl"] == 0.0 and m["proxy_gain_vs_sft"] == 0.5
+    # paired differences 1, 0, -1, 0: the gain's interval is the bootstrap of their mean
+    assert (m["gold_gain_vs_sft_lo"], m["gold_gain_vs_sft_hi"]) == pytest.approx(
+        M.bootstrap_ci([1.0, 0.0, -1.0, 0.0], 200, 0, level=E.INTERVAL_LEVEL), abs=1e-6)
+    assert m["gold_gain_vs_sft_lo"] < 0.0 < m["gold_gain_vs_sft_hi"]
     no_gold = E.policy_metrics("sft", gens, proxy, "bf16", None, None, proxy["bf16"], 200, 0)
     assert not any(k.startswith(("gold", "win")) for k in no_gold)
     assert m["empty_response_fraction"] == 0.0 == no_gold["empty_response_fraction"]
+    sft = E.policy_metrics("sft", gens, proxy, "bf16", sft_gold, sft_gold, proxy["bf16"], 200, 0)
+    assert not any(k.startswith("gold_gain") for k in sft)  # SFT has no gain over itself
+
+
+def test_gold_gain_interval_is_a_paired_bootstrap_over_prompts():
+    n = 40
+    gens = E.Generations(rollouts=[], responses=["x"] * n, tokens=[3] * n, has_eos=[True] * n, kl=[1.0] * n)
+    proxy = {"bf16": [0.0] * n}
+    sft_gold = np.random.default_rng(0).normal(0.0, 1.0, n)  # prompts of very different difficulty
+
+    def ppo_metrics(gold):
+        return E.policy_metrics("ppo_bf16", gens, proxy, "bf16", list(gold), list(sft_gold), proxy["bf16"], 500, 3)
+
+    # the same gain on every prompt: every resample has that mean difference, a zero-width interval at it
+    const = ppo_metrics(sft_gold + 0.25)
+    assert const["gold_gain_vs_sft"] == const["gold_gain_vs_sft_lo"] == const["gold_gain_vs_sft_hi"] == 0.25
+    # responses that follow SFT's per prompt, a small gain and noise: the paired interval is far narrower than the
+    # marginal ones (which overlap SFT's) and lies above zero; it is the bootstrap of the differences
+    gold = sft_gold + 0.1 + np.random.default_rng(1).normal(0.0, 0.05, n)
+    m = ppo_metrics(gold)
+    sft_lo, sft_hi = M.bootstrap_ci(sft_gold, 500, 3, level=E.INTERVAL_LEVEL)
+    assert m["gold_gain_vs_sft"] == pytest.approx(np.mean(gold - sft_gold), abs=1e-6)
+    assert m["gold_gain_vs_sft"] == pytest.approx(m["gold_reward"] - np.mean(sft_gold), abs=2e-6)
+    assert (m["gold_gain_vs_sft_lo"], m["gold_gain_vs_sft_hi"]) == pytest.approx(
+        M.bootstrap_ci(gold - sft_gold, 500, 3, level=E.INTERVAL_LEVEL), abs=1e-6)
+    assert 0.0 < m["gold_gain_vs_sft_lo"] <= m["gold_gain_vs_sft"] <= m["gold_gain_vs_sft_hi"]
+    paired = m["gold_gain_vs_sft_hi"] - m["gold_gain_vs_sft_lo"]
+    assert paired < 0.2 * (m["gold_reward_hi"] - m["gold_reward_lo"]) and paired < 0.2 * (sft_hi - sft_lo)
+    assert m["gold_reward_lo"] < sft_hi  # the marginal intervals overlap: they could not resolve this gain
 
 
 def test_empty_response_fraction_counts_empty_and_whitespace_responses():
@@ -152,7 +185,9 @@ def test_empty_response_fraction_counts_empty_and_whitespace_responses():
 def _fake_run(tmp_path: Path, gold: bool = True, bf16_gold: float = 1.2, labels: str = "human",
               judge: dict | None = None, judge_metrics: dict | None = None) -> R.RunMetrics:
     """A metrics/ tree of a made-up run: bf16 PPO at `bf16_gold`, int8 hacks its RM (proxy up, gold down). The judge
-    stage's files: `judge` (models/judge/judge.json; rules with gold, none without) and `judge_metrics`."""
+    stage's files: `judge` (models/judge/judge.json; rules with gold, none without) and `judge_metrics`. Gold gains
+    carry a paired interval of ±0.15 (bf16: above zero at the default 1.2, includes zero at 0.9) and int8's
+    [-1.1, -0.5] lies below zero."""
     ev = {"prompts": 64, "bootstrap_samples": 1000, "interval_level_pct": 95, "wall_time_s": 3.5,
           "peak_vram_gb": 0.0}
     sft = {"proxy_reward": 1.9, "proxy_bf16": 1.9, "proxy_int8": 2.2, "kl_to_sft": 0.0, "response_tokens": 12.5}
@@ -165,9 +200,11 @@ def _fake_run(tmp_path: Path, gold: bool = True, bf16_gold: float = 1.2, labels:
                    win_rate_vs_sft_lo=0.5, win_rate_vs_sft_hi=0.5)
         bf.update(gold_reward=bf16_gold, gold_reward_lo=bf16_gold - 0.3, gold_reward_hi=bf16_gold + 0.3,
                   win_rate_vs_sft=0.625, win_rate_vs_sft_lo=0.53, win_rate_vs_sft_hi=0.72,
-                  gold_gain_vs_sft=round(bf16_gold - 1.0, 6), gold_gain_per_kl=round((bf16_gold - 1.0) / 2.0, 6))
+                  gold_gain_vs_sft=round(bf16_gold - 1.0, 6), gold_gain_vs_sft_lo=round(bf16_gold - 1.15, 6),
+                  gold_gain_vs_sft_hi=round(bf16_gold - 0.85, 6), gold_gain_per_kl=round((bf16_gold - 1.0) / 2.0, 6))
         i8.update(gold_reward=0.2, gold_reward_lo=-0.1, gold_reward_hi=0.5, win_rate_vs_sft=0.3,
-                  win_rate_vs_sft_lo=0.2, win_rate_vs_sft_hi=0.4, gold_gain_vs_sft=-0.8, gold_gain_per_kl=-0.16)
+                  win_rate_vs_sft_lo=0.2, win_rate_vs_sft_hi=0.4, gold_gain_vs_sft=-0.8, gold_gain_vs_sft_lo=-1.1,
+                  gold_gain_vs_sft_hi=-0.5, gold_gain_per_kl=-0.16)
     ev.update(sft=sft, ppo_bf16=bf, ppo_int8=i8,
               rm_int8={"spearman_vs_bf16": 0.88, "choice_agreement_vs_bf16": 0.92, "spearman_vs_bf16_eval": 0.69})
     m = tmp_path / "metrics"
@@ -208,10 +245,11 @@ def _fake_run(tmp_path: Path, gold: bool = True, bf16_gold: float = 1.2, labels:
     judge = judge if judge is not None else {"kind": "rules" if gold else "none"}
     # as the judge stage writes it: with the description the report prints (judge.describe)
     info.write_text(json.dumps({**judge, "description": describe(judge)} if judge.get("kind") in KINDS else judge))
-    curves = tmp_path / "plots" / "ppo_eval"
-    curves.mkdir(parents=True, exist_ok=True)
-    (curves / "bf16.csv").write_text("update,kl,gold,proxy\n0,0.0,1.33,1.83\n20,1.57,1.69,2.48\n")
-    (curves / "int8.csv").write_text("update,kl,gold,proxy\n0,0.0,1.33,2.37\n20,4.5,-0.17,3.69\n")
+    for p, rows in (("bf16", [(0, 0.0, 1.33, 1.83), (20, 1.57, 1.69, 2.48)]),
+                    ("int8", [(0, 0.0, 1.33, 2.37), (20, 4.5, -0.17, 3.69)])):  # as the PPO stage logs them
+        curve = live.eval_file(tmp_path / paths.live_dir("ppo", p))
+        curve.parent.mkdir(parents=True, exist_ok=True)
+        curve.write_text(json.dumps([dict(zip(("update", *live.EVAL_KEYS), r)) for r in rows]))
     return R.load_run(tmp_path, ["bf16", "int8"], "synthetic" if gold else "hub", labels)
 
 
@@ -231,7 +269,9 @@ def test_summary_numbers_come_from_metrics_and_verdict_flags_hacking(tmp_path):
     assert "**Reward hacking at int8** (proxy up, gold down): during PPO" in text
     assert "No reward hacking (proxy up while gold down) at: bf16" in text
     assert "Best gold reward per unit of KL: the **bf16**" in text
-    assert "clear improvement" in text and "did not beat" not in text
+    assert "**ppo_bf16** vs SFT: gold gain +0.200 [0.050, 0.350] (paired over prompts), an improvement over SFT " \
+        "(the paired interval excludes zero)" in text and "did not beat" not in text and "clear" not in text
+    assert "**ppo_int8** vs SFT: gold gain -0.800 [-1.100, -0.500] (paired over prompts), worse than SFT" in text
     assert (tmp_path / "reports/charts/gold_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "reports/charts/eval_comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert "](charts/gold_vs_kl.png)" in text and "](charts/eval_comparison.png)" in text
@@ -239,14 +279,18 @@ def test_summary_numbers_come_from_metrics_and_verdict_flags_hacking(tmp_path):
 
 
 def test_verdict_says_plainly_when_bf16_does_not_beat_sft(tmp_path):
-    run = _fake_run(tmp_path, bf16_gold=0.9)
+    run = _fake_run(tmp_path, bf16_gold=0.9)  # gain -0.1, paired interval [-0.25, 0.05]; yet wins more prompts
     lines = R.verdict(run)
-    assert "mixed: mean gold and win-rate disagree" in lines[0]  # lower mean, yet wins more prompts
+    assert "gold gain -0.100 [-0.250, 0.050] (paired over prompts), no gold difference this eval set can resolve " \
+        "(the paired interval includes zero)" in lines[0]
+    assert "mixed" not in lines[0] and "win-rate vs SFT 0.625 [0.530, 0.720] (ties half)" in lines[0]
     plain = [line for line in lines if "did not beat SFT on gold reward" in line]
-    assert plain and "proxy gain +0.500" in plain[0]
-    assert any("No PPO policy raised gold reward" in line for line in lines)
+    assert plain and "proxy gain +0.500" in plain[0] and "finds no gain this eval set can resolve" in plain[0]
+    assert "within the sampling noise of 64 eval prompts (the paired interval includes zero)" in plain[0]
+    assert any("No PPO policy improved on SFT's gold reward" in line for line in lines)
     weak = [line for line in lines if line.startswith("Possible reward hacking at bf16 (weak evidence)")]
     assert weak and "on eval_prompts proxy +0.500 vs SFT while gold -0.100" in weak[0]
+    assert "within the noise (the paired interval includes zero)" in weak[0]
     text = R.build_summary(run)
     assert R.unsupported_numbers(text, R.metric_values(tmp_path / "metrics")) == []
 
@@ -386,8 +430,11 @@ def test_dvc_plots_show_renders_the_precisions_side_by_side(run, tmp_path):
                           text=True, env={**os.environ, "PATH": env_path + ":" + os.environ["PATH"]})
     assert proc.returncode == 0, proc.stderr
     html = (tmp_path / "plots/index.html").read_text()
-    for plot_id in ("gold_vs_kl", "proxy_vs_kl", "ppo_reward", "ppo_kl"):
+    for plot_id in ("gold_vs_kl", "proxy_vs_kl", "ppo_reward", "ppo_kl", "reward_loss", "sft_loss"):
         assert f'id = "{plot_id}"' in html
+    # from the PPO stages' live files, one series per precision, named by it
     spec = html.split('id = "gold_vs_kl"')[1].split("</script>")[0]
-    assert all(f'"filename": "{p}.csv"' in spec for p in PRECISIONS)
+    assert all(f'"filename": "{p}/plots/custom/eval.json"' in spec for p in PRECISIONS)
+    spec = html.split('id = "ppo_reward"')[1].split("</script>")[0]
+    assert all(f'"filename": "{p}/plots/metrics/score.tsv"' in spec for p in PRECISIONS)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgerlhf import bench, data, gpu_check, judge
+from edgerlhf import bench, data, gpu_check, judge, live, paths
 from edgerlhf.config import parse_params
 from tests.conftest import tool_env
 
@@ -324,10 +324,10 @@ def check_reduced_run(ws: Path, result: dict, stdout: str) -> None:
             assert figures["episodes_per_s"] == stage_file["episodes_per_s"] > 0
             # PPO's periodic gold evaluation ran, with the judge: updates 0, eval_every, ..., the last
             assert isinstance(stage_file["eval_gold_start"], float) and isinstance(stage_file["eval_gold_end"], float)
-            evals = (ws / run.metrics).parents[2] / "plots" / "ppo_eval" / Path(run.metrics).with_suffix(".csv").name
+            evals = live.read_eval_curve((ws / run.metrics).parents[2] / paths.live_dir("ppo", Path(run.metrics).stem))
             updates = stage_file["updates"]
             expected = {0, *range(raw["ppo"]["eval_every"], updates + 1, raw["ppo"]["eval_every"]), updates}
-            assert len(evals.read_text().strip().splitlines()) - 1 == len(expected) >= 3
+            assert [int(e["update"]) for e in evals] == sorted(expected) and len(expected) >= 3
     # the judge stage: the workspace's random-init judge, copied and scored on rm_test
     judge_file = json.loads((ws / "metrics" / "judge.json").read_text())
     assert result["stages"]["judge"]["rm_test_pairs"] == judge_file["rm_test_pairs"] == raw["data"]["sizes"]["rm_test"]

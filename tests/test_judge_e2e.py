@@ -2,7 +2,6 @@
 number; a judge trained here agrees with the synthetic task's rules; `data.labels: judge` orders the reward
 models' pairs by it, and the reward stages rerun when those labels change and not otherwise."""
 
-import csv
 import json
 import math
 import shutil
@@ -12,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from edgerlhf import data, paths
+from edgerlhf import data, live, paths
 from edgerlhf import metrics as M
 from edgerlhf.config import deep_merge
 from edgerlhf.judge import ModelJudge, pair_scores, rules_judge
@@ -59,7 +58,7 @@ def test_model_judge_from_a_folder_scores_every_gold_number(pipeline_run, tmp_pa
     repo = copy_run(pipeline_run, tmp_path / "run", {})
     before = read_json(repo / paths.JUDGE_INFO)
     assert before["kind"] == "rules"
-    baseline_curves = {p: (repo / paths.ppo_eval_curve(p)).read_text() for p in PRECISIONS}
+    baseline_curves = {p: live.read_eval_curve(repo / paths.live_dir("ppo", p)) for p in PRECISIONS}
 
     # a folder that cannot serve as a judge: one line naming the fix, the previous judge untouched
     build_tiny_judge(repo / "models/local/two_labels", synthetic_texts(64), num_labels=2)
@@ -101,10 +100,9 @@ def test_model_judge_from_a_folder_scores_every_gold_number(pipeline_run, tmp_pa
 
     # PPO's periodic evaluation used the judge too: its gold curve is new, and the stage metrics agree with it
     for p in PRECISIONS:
-        text = (repo / paths.ppo_eval_curve(p)).read_text()
-        curve = list(csv.DictReader(text.splitlines()))
+        curve = live.read_eval_curve(repo / paths.live_dir("ppo", p))
         assert len(curve) >= 2 and all(math.isfinite(float(row["gold"])) for row in curve)
-        assert text != baseline_curves[p]
+        assert curve != baseline_curves[p]
         assert read_json(repo / paths.ppo_metrics(p))["eval_gold_end"] == pytest.approx(float(curve[-1]["gold"]))
     summary = (repo / paths.SUMMARY).read_text()
     assert "the reward model in the local folder `models/local/judge`" in summary

@@ -206,6 +206,7 @@ def _check(run: Path) -> subprocess.CompletedProcess:
                           env=tool_env(), timeout=120)
 
 
+@pytest.mark.extra  # a stage subprocess (~8 s): `make test-extra`
 def test_stage_fails_before_training_in_one_line_and_keeps_its_previous_output(tmp_path):
     run = _workspace(tmp_path)
     ok = _check(run)
@@ -267,4 +268,4 @@ def test_training_stages_wait_for_the_check():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name in ("sft", "reward"):
         assert "metrics/lengths.json" in stages[name]["deps"], f"dvc.yaml stage {name}: add metrics/lengths.json"
-    assert stages["check"]["metrics"] == [{"metrics/lengths.json": {"cache": False}}]
+    assert stages["check"]["outs"] == [{"metrics/lengths.json": {"cache": False}}]

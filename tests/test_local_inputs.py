@@ -288,6 +288,7 @@ def local_workspace(tmp_path: Path, model_outside: bool = False) -> tuple[Path, 
     return ws, jsonl, save_model(model)
 
 
+@pytest.mark.extra  # dvc in a scratch workspace (~6 s): `make test-extra`
 def test_dvc_status_names_the_stage_whose_local_input_changed(tmp_path):
     """dvc.yaml's templated deps resolve to the files params name: with the stages' outputs recorded as they are
     (`dvc commit`, no stage run), an edited JSONL makes `dvc status` list prepare, an edited model file base. The

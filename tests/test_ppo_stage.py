@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from edgerlhf import live, paths
 from tests.conftest import tool_env
 
 PRECISIONS = ["bf16", "int8", "int4"]
@@ -21,10 +22,11 @@ def test_each_ppo_raises_proxy_reward_with_finite_kl(pipeline_run):
         assert m["proxy_reward_end"] > m["proxy_reward_start"], (p, m)
         assert math.isfinite(m["kl_end"]) and m["kl_end"] >= 0, (p, m)
         assert m["episodes"] == m["updates"] * 32 and m["episodes_per_s"] > 0
-        curves = (pipeline_run / f"plots/ppo/{p}.csv").read_text().splitlines()
-        assert len(curves) == m["updates"] + 1  # header + one row per update
-        evals = (pipeline_run / f"plots/ppo_eval/{p}.csv").read_text().splitlines()
-        assert evals[0] == "update,kl,gold,proxy" and len(evals) >= 3
+        folder = pipeline_run / paths.live_dir("ppo", p)  # the live curves: one row per update, step = update
+        assert sorted(live.read_metric(live.metric_file(folder, "score"))) == list(range(1, m["updates"] + 1))
+        evals = live.read_eval_curve(folder)
+        assert len(evals) >= 3 and all(set(e) == {"update", *live.EVAL_KEYS} for e in evals)
+        assert evals[-1]["gold"] == pytest.approx(m["eval_gold_end"])
 
 
 def _load(run: Path, precision: str):

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from edgerlhf import ppo, resume
+from edgerlhf import live, paths, ppo, resume
 from edgerlhf.config import Params
 from edgerlhf.runtime import TIMING_KEYS
 from tests.conftest import tool_env
@@ -100,6 +100,14 @@ def test_work_folder_belongs_to_one_fingerprint(tmp_path, caplog):
     assert fp != resume.fingerprint("sft", params, [data, tmp_path / "missing"])
     assert fp != resume.fingerprint("reward@int4", params, [data])
     assert fp != resume.fingerprint("sft", Params(seed=1), [data])
+    # an operational key (checkpoint interval, threads, VRAM cap) keeps the checkpoints; a result key does not
+    import dataclasses
+
+    hw = dataclasses.replace(params.hardware, cpu_threads=1, vram_budget_gb=4.0)
+    sft = dataclasses.replace(params.sft, checkpoint_every=params.sft.checkpoint_every * 2)
+    assert resume.fingerprint("sft", dataclasses.replace(params, hardware=hw, sft=sft), [data]) == fp
+    lr = dataclasses.replace(params.sft, learning_rate=params.sft.learning_rate / 2)
+    assert resume.fingerprint("sft", dataclasses.replace(params, sft=lr), [data]) != fp
     data.write_text("b\n")
     changed = resume.fingerprint("sft", params, [data])
     assert changed != fp
@@ -164,6 +172,11 @@ def _rerun(copy: Path, stage: str) -> str:
     return proc.stderr
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` by relative path (a live folder: its curves and their summary)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def _assert_same_metrics(reference: Path, resumed: Path) -> None:
     ref, got = json.loads(reference.read_text()), json.loads(resumed.read_text())
     assert set(ref) == set(got)
@@ -179,16 +192,18 @@ def test_killed_ppo_stage_resumes_to_the_uninterrupted_metrics(pipeline_run, tmp
     copy = _copy_with(pipeline_run, tmp_path / "run", "ppo", 2)
     work = copy / ".cache/work/ppo-int4"
     _kill_when([sys.executable, "stages/ppo.py", "int4"], copy, work / ppo.CHECKPOINT_FILE)
-    # killed mid-run: the previous outputs are untouched (new ones replace them only on success)
+    # killed mid-run: the previous outputs are untouched (new ones replace them only on success); the live curves
+    # are this run's own, up to where it died (written during the run by design)
     assert (copy / "metrics/ppo/int4.json").read_bytes() == (pipeline_run / "metrics/ppo/int4.json").read_bytes()
+    updates = json.loads((pipeline_run / "metrics/ppo/int4.json").read_text())["updates"]
+    died_at = sorted(live.read_metric(live.metric_file(copy / paths.live_dir("ppo", "int4"), "score")))
+    assert died_at == list(range(1, len(died_at) + 1)) and 2 <= len(died_at) < updates, died_at
 
     log = _rerun(copy, "ppo@int4")
-    updates = json.loads((pipeline_run / "metrics/ppo/int4.json").read_text())["updates"]
     match = re.search(rf"resumed from update (\d+) of {updates}", log)
     assert match and 0 < int(match.group(1)) < updates and int(match.group(1)) % 2 == 0, log[-3000:]
     _assert_same_metrics(pipeline_run / "metrics/ppo/int4.json", copy / "metrics/ppo/int4.json")
-    for curve in ("plots/ppo/int4.csv", "plots/ppo_eval/int4.csv"):
-        assert (copy / curve).read_text() == (pipeline_run / curve).read_text(), curve
+    assert _tree(copy / paths.live_dir("ppo", "int4")) == _tree(pipeline_run / paths.live_dir("ppo", "int4"))
     assert not work.exists() and not list((copy / "models/ppo").glob(".int4.tmp-*"))
 
 
@@ -206,5 +221,5 @@ def test_killed_sft_stage_resumes_to_the_uninterrupted_metrics(pipeline_run, tmp
     log = _rerun(copy, "sft")
     assert re.search(r"resuming from \S*checkpoint-(30|60|90|120)\b", log), log[-3000:]
     _assert_same_metrics(pipeline_run / "metrics/sft.json", copy / "metrics/sft.json")
-    assert (copy / "plots/sft.csv").read_text() == (pipeline_run / "plots/sft.csv").read_text()
+    assert _tree(copy / paths.live_dir("sft")) == _tree(pipeline_run / paths.live_dir("sft"))  # each step once
     assert not work.exists() and not list((copy / "models").glob(".sft.tmp-*"))
