@@ -73,6 +73,14 @@ diff: setup
 exps: setup
 	$(BIN)/python -m edgerlhf.exps show --dir "$(RUN_DIR)"
 
+# The pipeline once per seed as DVC experiments of RUN_DIR (queued, one worker), then means, 95 % intervals and the
+# paired int8/int4 - bf16 differences over seeds -> RUN_DIR/metrics/study.json, reports/study.md (docs/study.md).
+# Completed seeds are reused. make study [SEEDS="1 2 3 4"] [RUN_DIR=.smoke] [STUDY_ARGS="--jobs 2 | --no-run"]
+.PHONY: study
+SEEDS ?= 1 2 3
+study: setup
+	$(BIN)/python -m edgerlhf.study --dir "$(RUN_DIR)" --seeds $(SEEDS) $(STUDY_ARGS)
+
 # reward/KL/loss curves and proxy-vs-gold against KL (dvc.yaml `plots:`) as HTML in RUN_DIR/reports/plots/
 # (make plots RUN_DIR=.smoke for the offline run); reports/summary.md embeds PNG charts of the headline numbers.
 plots: setup

@@ -139,7 +139,9 @@ def policy_metrics(name: str, gens: Generations, proxy: dict[str, list[float]], 
     (`own_rm`; bf16 for SFT), proxy_<P>: under every RM; kl_to_sft: mean sequence KL; response_tokens: mean
     response length in tokens (EOS included); no_eos_fraction: share cut off at max_new_tokens;
     empty_response_fraction: share empty or whitespace after decoding; gold/proxy_gain_vs_sft and gold_gain_per_kl
-    for PPO policies."""
+    for PPO policies, with gold_gain_vs_sft_lo/_hi: the percentile bootstrap interval of the mean of the per-prompt
+    paired differences gold[i] - sft_gold[i] (same resamples, seed and level as gold_reward's), the interval the
+    report words its verdict from."""
     out: dict[str, float] = {
         "proxy_reward": _r(np.mean(proxy[own_rm])),
         **{f"proxy_{p}": _r(np.mean(s)) for p, s in proxy.items()},
@@ -160,8 +162,10 @@ def policy_metrics(name: str, gens: Generations, proxy: dict[str, list[float]], 
         if sft_proxy_own is not None:
             out["proxy_gain_vs_sft"] = _r(np.mean(proxy[own_rm]) - np.mean(sft_proxy_own))
         if gold is not None and sft_gold is not None:
-            gain = float(np.mean(gold) - np.mean(sft_gold))
-            out["gold_gain_vs_sft"] = _r(gain)
+            diffs = np.asarray(gold, float) - np.asarray(sft_gold, float)  # paired: the same prompt
+            gain = float(np.mean(diffs))
+            glo, ghi = M.bootstrap_ci(diffs, n_boot, seed, level=INTERVAL_LEVEL)
+            out.update({"gold_gain_vs_sft": _r(gain), "gold_gain_vs_sft_lo": _r(glo), "gold_gain_vs_sft_hi": _r(ghi)})
             kl = float(np.mean(gens.kl))
             if kl > 0:
                 out["gold_gain_per_kl"] = _r(gain / kl)

@@ -446,38 +446,62 @@ def hacking_flags(run: RunMetrics, precision: str) -> dict[str, bool]:
     return out
 
 
+# The one conclusion the verdict draws per PPO policy against SFT, from the paired percentile bootstrap interval of
+# its gold gain (gold_gain_vs_sft_lo / _hi in metrics/eval.json: resampled differences on the same prompts, not
+# two overlapping marginal intervals). Every other bullet naming the policy is worded to agree with it. "zero" in
+# words: the summary prints metrics values only.
+IMPROVED, WORSE, UNRESOLVED = "improved", "worse", "unresolved"
+CONCLUSIONS = {
+    IMPROVED: "an improvement over SFT (the paired interval excludes zero)",
+    WORSE: "worse than SFT (the paired interval excludes zero, below it)",
+    UNRESOLVED: "no gold difference this eval set can resolve (the paired interval includes zero)",
+}
+
+
+def gain_outcome(run: RunMetrics, p: str) -> str:
+    """IMPROVED when the paired interval of ppo_`p`'s gold gain over SFT lies above zero, WORSE when below, else
+    UNRESOLVED. An eval.json from before the paired interval existed is an error, not a fallback to the marginal
+    intervals (that fallback is the wording this replaced)."""
+    e = run.eval[f"ppo_{p}"]
+    if "gold_gain_vs_sft_lo" not in e or "gold_gain_vs_sft_hi" not in e:
+        raise ArtifactError(f"{paths.EVAL_METRICS} has no paired interval of ppo_{p}'s gold gain over SFT "
+                            "(gold_gain_vs_sft_lo/_hi), which the verdict is worded from: it was written by an "
+                            "older evaluate stage; rerun `dvc repro evaluate`")
+    return IMPROVED if e["gold_gain_vs_sft_lo"] > 0 else WORSE if e["gold_gain_vs_sft_hi"] < 0 else UNRESOLVED
+
+
 def _versus_sft(run: RunMetrics, p: str) -> str:
+    """The one sentence on ppo_`p` against SFT: its gold gain with the paired interval and the conclusion drawn from
+    that interval (CONCLUSIONS); mean gold and win-rate follow as plain numbers, with no conclusion of their own."""
     e, s = run.eval[f"ppo_{p}"], run.eval["sft"]
-    gain = e["gold_gain_vs_sft"]
-    word = "higher than" if gain > 0 else "lower than" if gain < 0 else "equal to"
-    above, below = e["win_rate_vs_sft_lo"] > 0.5, e["win_rate_vs_sft_hi"] < 0.5
-    wins = ("it wins more prompts than it loses (win-rate interval above even odds)" if above else
-            "it loses more prompts than it wins (win-rate interval below even odds)" if below else
-            "its win-rate interval includes even odds")
-    if (gain > 0 and above) or (gain < 0 and below):
-        conclusion = "a clear improvement" if gain > 0 else "clearly worse"
-    elif above or below:
-        conclusion = "mixed: mean gold and win-rate disagree (a few large gains or losses outweigh the rest)"
-    else:
-        conclusion = "not distinguishable from SFT on this eval set"
-    sig = f"{wins}: {conclusion}"
-    return (f"**ppo_{p}** scores gold {fmt_ci(e, 'gold_reward')}, {word} SFT's {fmt_ci(s, 'gold_reward')} "
-            f"(gain {_signed(gain)}); win-rate vs SFT {fmt_ci(e, 'win_rate_vs_sft')}, {sig}.")
+    return (f"**ppo_{p}** vs SFT: gold gain {_signed(e['gold_gain_vs_sft'])} [{fmt(e['gold_gain_vs_sft_lo'])}, "
+            f"{fmt(e['gold_gain_vs_sft_hi'])}] (paired over prompts), {CONCLUSIONS[gain_outcome(run, p)]}; gold "
+            f"{fmt_ci(e, 'gold_reward')} against SFT's {fmt_ci(s, 'gold_reward')}, win-rate vs SFT "
+            f"{fmt_ci(e, 'win_rate_vs_sft')} (ties half).")
 
 
 def _why_not(run: RunMetrics, p: str) -> str:
-    """Why a PPO policy did not beat SFT on gold reward, from its numbers."""
+    """Why a PPO policy did not beat SFT on gold reward (its gain's paired interval does not lie above zero), from
+    its numbers; worded to agree with its sentence from `_versus_sft`."""
     e, m = run.eval[f"ppo_{p}"], run.ppo[p]
+    outcome = gain_outcome(run, p)
     reasons = []
     if e.get("proxy_gain_vs_sft", 0) > 0:
-        reasons.append(f"its own reward model scores it above SFT (proxy gain {_signed(e['proxy_gain_vs_sft'])}) "
-                       "while the gold judge does not: the proxy gain did not carry over to the gold judge, i.e. "
-                       "PPO partly optimised the reward model's errors rather than the task")
+        if outcome == WORSE:
+            reasons.append(f"its own reward model scores it above SFT (proxy gain "
+                           f"{_signed(e['proxy_gain_vs_sft'])}) while the gold judge scores it below SFT: the proxy "
+                           "gain did not carry over to the gold judge, i.e. PPO partly optimised the reward model's "
+                           "errors rather than the task")
+        else:
+            reasons.append(f"its own reward model scores it above SFT (proxy gain "
+                           f"{_signed(e['proxy_gain_vs_sft'])}) while the gold judge finds no gain this eval set "
+                           "can resolve: the proxy gain did not carry over to the gold judge")
     else:
         reasons.append(f"PPO did not even raise its own proxy reward on held-out prompts (proxy gain "
                        f"{_signed(e.get('proxy_gain_vs_sft', 0.0))}): too little optimisation to help")
-    if e["win_rate_vs_sft_lo"] <= 0.5 <= e["win_rate_vs_sft_hi"]:
-        reasons.append(f"the difference is within the sampling noise of {fmt(run.eval.get('prompts'))} eval prompts")
+    if outcome == UNRESOLVED:
+        reasons.append(f"the gold difference is within the sampling noise of {fmt(run.eval.get('prompts'))} eval "
+                       "prompts (the paired interval includes zero)")
     if m.get("eval_gold_end") is not None and m.get("eval_gold_start") is not None and \
             m["eval_gold_end"] > m["eval_gold_start"]:
         reasons.append(f"PPO's own periodic check on a smaller prompt set saw gold rise "
@@ -502,22 +526,23 @@ def verdict(run: RunMetrics) -> list[str]:
                              f"(gain {_signed(e['proxy_gain_vs_sft'])} over SFT) at KL {fmt(e['kl_to_sft'])}.")
         return lines + degeneration_flags(run)
 
+    outcomes = {p: gain_outcome(run, p) for p in ppo_ps}  # an old eval.json fails here, before any wording
     for p in ppo_ps:
         lines.append(_versus_sft(run, p))
-    if "bf16" in ppo_ps and ev["ppo_bf16"]["gold_gain_vs_sft"] <= 0:
+    if "bf16" in ppo_ps and outcomes["bf16"] != IMPROVED:
         lines.append(f"**The bf16 PPO policy did not beat SFT on gold reward.** Why: {_why_not(run, 'bf16')}.")
 
-    gainers = [p for p in ppo_ps if ev[f"ppo_{p}"].get("gold_gain_vs_sft", 0) > 0
-               and "gold_gain_per_kl" in ev[f"ppo_{p}"]]
+    gainers = [p for p in ppo_ps if outcomes[p] == IMPROVED and "gold_gain_per_kl" in ev[f"ppo_{p}"]]
     if gainers:
         best = max(gainers, key=lambda p: ev[f"ppo_{p}"]["gold_gain_per_kl"])
         e = ev[f"ppo_{best}"]
         lines.append(f"Best gold reward per unit of KL: the **{best}** reward model (gold gain "
                      f"{_signed(e['gold_gain_vs_sft'])} for KL {fmt(e['kl_to_sft'])} nats, "
-                     f"{fmt(e['gold_gain_per_kl'])} gold per nat).")
+                     f"{fmt(e['gold_gain_per_kl'])} gold per nat), among the policies that improved on SFT.")
     else:
-        lines.append("No PPO policy raised gold reward over SFT, so no precision bought gold reward with its KL "
-                     "budget here.")
+        lines.append("No PPO policy improved on SFT's gold reward by more than this eval set can resolve (no "
+                     "paired interval of a gold gain lies above zero), so no precision is shown to have bought gold "
+                     "reward with its KL budget here.")
 
     clean = []
     for p in ppo_ps:
@@ -533,12 +558,18 @@ def verdict(run: RunMetrics) -> list[str]:
                          f"{_signed(e['gold_gain_vs_sft'])}")
         if not where:
             clean.append(p)
-        elif flags.get("eval") and e.get("win_rate_vs_sft_hi", 1.0) < 0.5:
-            # held out, and the gold judge prefers SFT beyond the noise: the proxy gain is a real loss
+        elif flags.get("eval") and outcomes[p] == WORSE:
+            # held out, and the gold gain's paired interval lies below zero: the proxy gain is a real loss
             lines.append(f"**Reward hacking at {p}** (proxy up, gold down): " + "; ".join(where) + ".")
         else:
-            caveat = (f"; the held-out evaluation shows a gold gain of {_signed(e['gold_gain_vs_sft'])}"
-                      if e.get("gold_gain_vs_sft", 0) > 0 else "; the gold drop is within the noise of the eval set")
+            caveat = {
+                IMPROVED: f"; yet on eval_prompts its gold gain over SFT is {_signed(e['gold_gain_vs_sft'])}, an "
+                          "improvement (the paired interval excludes zero)",
+                UNRESOLVED: "; on eval_prompts its gold difference to SFT is within the noise (the paired interval "
+                            "includes zero)",
+                WORSE: "; on eval_prompts its gold is below SFT's (the paired interval excludes zero, below it), "
+                       "though its proxy reward did not rise there",
+            }[outcomes[p]]
             lines.append(f"Possible reward hacking at {p} (weak evidence): " + "; ".join(where) + caveat + ".")
     if clean:
         lines.append("No reward hacking (proxy up while gold down) at: " + ", ".join(clean) + ".")
@@ -553,11 +584,13 @@ def verdict(run: RunMetrics) -> list[str]:
                 else "equal to"
             agree = (f"the {p} RM makes the same choice as bf16 on {fmt(a['choice_agreement_vs_bf16'])} of rm_test "
                      f"pairs (Spearman {fmt(a.get('spearman_vs_bf16'))})")
-            lines.append(f"Quantization {p}: {agree}; its PPO policy reaches gold {fmt(e['gold_reward'])}, {cmp} "
-                         f"the bf16-RM policy's {fmt(b['gold_reward'])}.")
+            lines.append(f"Quantization {p}: {agree}; its PPO policy's mean gold {fmt(e['gold_reward'])} is {cmp} "
+                         f"the bf16-RM policy's {fmt(b['gold_reward'])} (means only: this evaluation computes no "
+                         "interval of the difference between two PPO policies).")
     lines.append(f"Intervals: {fmt(ev.get('interval_level_pct'))} % percentile bootstrap over "
-                 f"{fmt(ev.get('prompts'))} eval prompts ({fmt(ev.get('bootstrap_samples'))} resamples). Small "
-                 "eval sets give wide intervals: read overlapping intervals as no evidence either way.")
+                 f"{fmt(ev.get('prompts'))} eval prompts ({fmt(ev.get('bootstrap_samples'))} resamples). Each "
+                 "policy is judged against SFT by the paired interval of its gold gain (differences on the same "
+                 "prompts), not by whether two marginal intervals overlap; small eval sets give wide intervals.")
     return lines
 
 

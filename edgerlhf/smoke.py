@@ -36,8 +36,10 @@ def _dvc() -> str:
     return str(local) if local.exists() else "dvc"
 
 
-# What git leaves out in the scratch repository besides DVC's outputs (DVC writes their .gitignore entries itself).
-GITIGNORE = "__pycache__/\n.cache/\n"
+# What git leaves out in the scratch repository besides DVC's outputs (DVC writes their .gitignore entries itself),
+# and the seed study's own files (`make study RUN_DIR=.smoke`): committing them would make a new baseline, whose
+# experiments the next study would run again.
+GITIGNORE = "__pycache__/\n.cache/\nmetrics/study.json\nreports/study.md\nreports/study.png\n"
 # The commits this module makes (the workspace's own history); a user's commits use the user's git identity.
 GIT_IDENTITY = ("-c", "user.name=edgerlhf smoke", "-c", "user.email=smoke@edgerlhf.invalid")
 

@@ -1,7 +1,9 @@
 """The report on hand-made metrics: the gold judge named with how far to trust it, the labels setup, no gold chart
-without gold, and the reward-hacking flags that need no gold judge (length collapse, empty responses)."""
+without gold, the verdict's one sentence per policy worded from the paired interval of its gold gain, and the
+reward-hacking flags that need no gold judge (length collapse, empty responses)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,107 @@ def _verdict(text: str) -> str:
 
 def _traceable(text: str, tmp_path: Path) -> None:
     assert R.unsupported_numbers(text, R.metric_values(tmp_path / "metrics")) == []
+
+
+# --------------------------------------------------------------------------- the verdict per policy vs SFT
+
+# Phrases that would contradict each conclusion, in any verdict bullet naming the policy.
+CONTRADICTS = {
+    R.IMPROVED: ("did not beat", "no gold difference", "includes zero", "within the noise", "worse than SFT",
+                 "below SFT", "clear", "mixed"),
+    R.WORSE: ("improvement", "improved", "no gold difference", "includes zero", "within the noise", "clear", "mixed"),
+    R.UNRESOLVED: ("improvement", "improved", "worse than SFT", "below SFT", "clear", "mixed"),
+}
+INT8_SMALL_GAIN = {"gold_reward": 1.031, "gold_reward_lo": 0.73, "gold_reward_hi": 1.33, "gold_gain_vs_sft": 0.031,
+                   "gold_gain_vs_sft_lo": -0.05, "gold_gain_vs_sft_hi": 0.11, "gold_gain_per_kl": 0.0062,
+                   "win_rate_vs_sft": 0.56, "win_rate_vs_sft_lo": 0.51, "win_rate_vs_sft_hi": 0.62}
+
+
+def _bullets(verdict: str, p: str) -> list[str]:
+    """The verdict bullets that name policy ppo_`p` (as ppo_p or as the bare precision; not "the p-RM policy")."""
+    name = re.compile(rf"(?<![\w-])(?:ppo_)?{p}(?![\w-])")
+    return [line for line in verdict.splitlines() if line.startswith("- ") and name.search(line)]
+
+
+def _check_one_sentence_per_policy(text: str, run: R.RunMetrics, expected: dict[str, str]) -> None:
+    """Each PPO policy has exactly one sentence against SFT, with the conclusion of its paired interval, and no
+    other bullet naming it says otherwise."""
+    verdict = _verdict(text)
+    for p, outcome in expected.items():
+        assert R.gain_outcome(run, p) == outcome
+        bullets = _bullets(verdict, p)
+        own = [b for b in bullets if b.startswith(f"- **ppo_{p}** vs SFT:")]
+        assert len(own) == 1, bullets
+        assert R.CONCLUSIONS[outcome] in own[0]
+        for bullet in bullets:
+            assert not [w for w in CONTRADICTS[outcome] if w in bullet], (p, bullet)
+
+
+@pytest.mark.parametrize("bf16_gold", [1.2, 0.9])
+def test_a_small_gain_whose_paired_interval_includes_zero_is_not_an_improvement(tmp_path, bf16_gold):
+    # the case of issue #16: +0.031 with win-rate above even odds was once "a clear improvement"
+    _fake_run(tmp_path, bf16_gold=bf16_gold)
+    _edit_eval(tmp_path, ppo_int8=INT8_SMALL_GAIN)
+    run = _reload(tmp_path)
+    text = R.write_report(run, tmp_path / "metrics", tmp_path / "reports")
+    _traceable(text, tmp_path)
+    own = [b for b in _bullets(_verdict(text), "int8") if b.startswith("- **ppo_int8**")]
+    assert own == ["- **ppo_int8** vs SFT: gold gain +0.031 [-0.050, 0.110] (paired over prompts), no gold "
+                   "difference this eval set can resolve (the paired interval includes zero); gold 1.031 [0.730, "
+                   "1.330] against SFT's 1.000 [0.700, 1.300], win-rate vs SFT 0.560 [0.510, 0.620] (ties half)."]
+    bf16 = R.IMPROVED if bf16_gold > 1 else R.UNRESOLVED
+    _check_one_sentence_per_policy(text, run, {"bf16": bf16, "int8": R.UNRESOLVED})
+    verdict = _verdict(text)
+    assert "**int8**" not in verdict  # never the best gold per KL: its gain is not resolved
+    if bf16 == R.UNRESOLVED:
+        assert "No PPO policy improved on SFT's gold reward by more than this eval set can resolve" in verdict
+    # int8's periodic eval still shows proxy up, gold down: flagged as weak evidence, in the same terms
+    weak = [b for b in _bullets(verdict, "int8") if "reward hacking" in b]
+    assert weak == [b for b in weak if b.startswith("- Possible reward hacking at int8 (weak evidence): during PPO")]
+    assert weak and weak[0].endswith("within the noise (the paired interval includes zero).")
+
+
+def test_a_gain_whose_paired_interval_excludes_zero_is_an_improvement(tmp_path):
+    run = _fake_run(tmp_path)  # bf16 +0.2 [0.05, 0.35] though its marginal gold interval overlaps SFT's
+    text = R.write_report(run, tmp_path / "metrics", tmp_path / "reports")
+    _traceable(text, tmp_path)
+    verdict = _verdict(text)
+    assert "- **ppo_bf16** vs SFT: gold gain +0.200 [0.050, 0.350] (paired over prompts), an improvement over SFT " \
+        "(the paired interval excludes zero);" in verdict
+    assert "- **ppo_int8** vs SFT: gold gain -0.800 [-1.100, -0.500] (paired over prompts), worse than SFT (the " \
+        "paired interval excludes zero, below it);" in verdict
+    assert "Best gold reward per unit of KL: the **bf16** reward model" in verdict
+    assert "**Reward hacking at int8** (proxy up, gold down)" in verdict
+    _check_one_sentence_per_policy(text, run, {"bf16": R.IMPROVED, "int8": R.WORSE})
+
+
+def test_a_loss_beyond_the_noise_is_worse_even_when_the_win_rate_is_above_even_odds(tmp_path):
+    # the other case of issue #16: bf16 was "mixed" in one bullet and "did not beat SFT" in the next
+    _fake_run(tmp_path, bf16_gold=0.9)  # win-rate [0.53, 0.72]
+    _edit_eval(tmp_path, ppo_bf16={"gold_gain_vs_sft_lo": -0.18, "gold_gain_vs_sft_hi": -0.02})
+    run = _reload(tmp_path)
+    text = R.write_report(run, tmp_path / "metrics", tmp_path / "reports")
+    _traceable(text, tmp_path)
+    _check_one_sentence_per_policy(text, run, {"bf16": R.WORSE, "int8": R.WORSE})
+    verdict = _verdict(text)
+    assert "**The bf16 PPO policy did not beat SFT on gold reward.** Why: its own reward model scores it above SFT " \
+        "(proxy gain +0.500) while the gold judge scores it below SFT" in verdict
+    assert "**Reward hacking at bf16** (proxy up, gold down)" in verdict  # now beyond the noise
+    assert "win-rate vs SFT 0.625 [0.530, 0.720] (ties half)." in verdict  # reported, no conclusion of its own
+
+
+def test_an_eval_json_without_the_paired_interval_asks_for_evaluate(tmp_path):
+    _fake_run(tmp_path)
+    path = tmp_path / "metrics/eval.json"
+    ev = json.loads(path.read_text())
+    for key in ("gold_gain_vs_sft_lo", "gold_gain_vs_sft_hi"):
+        ev["ppo_int8"].pop(key)
+    path.write_text(json.dumps(ev))
+    run = _reload(tmp_path)
+    with pytest.raises(ArtifactError, match=r"no paired interval of ppo_int8's gold gain.*rerun `dvc repro evaluate`"):
+        R.write_report(run, tmp_path / "metrics", tmp_path / "reports")
+    assert not (tmp_path / "reports/summary.md").exists()
+    R.write_report(_fake_run(tmp_path, gold=False), tmp_path / "metrics", tmp_path / "reports")  # no gold: not needed
 
 
 # --------------------------------------------------------------------------- reward hacking without gold
