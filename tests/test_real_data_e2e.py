@@ -1,7 +1,9 @@
 """Issue 13's acceptance on real-shaped data: a smoke-sized `dvc repro` of every stage on HH-style multi-turn
 dialogues given as a conversational JSONL (TRL's implicit-prompt form, generated here: no network). Long
 dialogues meet small max_lengths, so the prompts are cut from the left; the reward metrics report accuracy over
-decided pairs and the tie fraction. Slow (a whole pipeline): `make test-extra`."""
+decided pairs and the tie fraction. The gold judge is a model judge from a local folder (a tiny Qwen3 classifier
+with a ChatML template, #14), so real-shaped multi-turn dialogues go through its chat template. Slow (a whole
+pipeline): `make test-extra`."""
 
 import json
 import random
@@ -15,6 +17,7 @@ from edgerlhf import metrics as M
 from edgerlhf import smoke, synthetic
 from edgerlhf.config import deep_merge
 from tests.conftest import ROOT
+from tests.judge_fixture import build_tiny_judge
 
 pytestmark = pytest.mark.extra
 
@@ -22,7 +25,7 @@ PRECISIONS = ["bf16", "int4"]
 SIZES = {"sft_train": 300, "sft_eval": 50, "rm_train": 600, "rm_test": 100, "ppo_prompts": 64, "eval_prompts": 32,
          "judge_train": 0}
 MAX_LENGTH = 64  # below the longest dialogues: prompts get cut from the left, responses stay whole
-STAGES = {"prepare", "base", "check", "sft", *(f"reward@{p}" for p in PRECISIONS),
+STAGES = {"prepare", "base", "check", "judge", "sft", *(f"reward@{p}" for p in PRECISIONS),
           *(f"ppo@{p}" for p in PRECISIONS), "evaluate", "report"}
 
 
@@ -58,7 +61,8 @@ def override(jsonl: str) -> dict:
         "reward": {"precisions": PRECISIONS, "max_length": MAX_LENGTH, "checkpoint_every": 0},
         "ppo": {"total_episodes": 64, "batch_size": 32, "mini_batch_size": 8, "gradient_accumulation_steps": 2,
                 "ppo_epochs": 1, "score_norm_samples": 32, "eval_prompts": 16, "checkpoint_every": 0},
-        "eval": {"max_new_tokens": 24, "bootstrap_samples": 100},
+        "eval": {"max_new_tokens": 24, "bootstrap_samples": 100, "judge": "model", "judge_source": "local",
+                 "judge_path": "judge"},
     })
 
 
@@ -66,6 +70,8 @@ def test_multi_turn_conversational_jsonl_runs_every_stage(tmp_path):
     dest = tmp_path / "run"
     dest.mkdir()
     conversational_jsonl(dest / "pairs.jsonl", sum(SIZES.values()) + 20)
+    records = [json.loads(line) for line in (dest / "pairs.jsonl").read_text().splitlines()]
+    build_tiny_judge(dest / "judge", [m["content"] for r in records for m in r["chosen"] + r["rejected"]])
     profile = tmp_path / "real-data.yaml"
     profile.write_text(yaml.safe_dump(override("pairs.jsonl")))
     smoke.prepare_workspace(ROOT, dest, profile)
@@ -111,6 +117,10 @@ def test_multi_turn_conversational_jsonl_runs_every_stage(tmp_path):
             "identical_after_truncation")))
 
     ev = load("metrics/eval.json")
-    assert {f"ppo_{p}" for p in PRECISIONS} <= set(ev) and "gold_reward" not in ev["sft"]  # no judge for jsonl
+    assert {f"ppo_{p}" for p in PRECISIONS} <= set(ev) and "gold_reward" in ev["sft"]  # the local model judge
+    trust = load("metrics/judge.json")
+    assert trust["rm_test_pairs"] == SIZES["rm_test"] and 0 <= trust["accuracy_vs_human"] <= 1
+    assert "agreement_with_rules" not in trust  # no rules for jsonl data
     summary = (dest / "reports/summary.md").read_text()
     assert "accuracy (decided pairs)" in summary and "the prompt was cut from the left" in summary
+    assert "the reward model in the local folder `judge`" in summary
