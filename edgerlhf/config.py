@@ -451,6 +451,14 @@ def load_precision_stage(description: str, argv: list[str] | None = None) -> tup
     return precision, params
 
 
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{"ppo": {"init_kl_coef": 0.1}} -> {"ppo.init_kl_coef": 0.1}: params or metrics as dotted keys; lists stay
+    values."""
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    return {k: v for key, value in obj.items() for k, v in flatten(value, f"{prefix}.{key}" if prefix else key).items()}
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     """Return `base` with `override` merged in, recursively for mappings."""
     out = dict(base)

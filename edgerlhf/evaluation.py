@@ -14,7 +14,6 @@ score, so each aggregate can be recomputed from it (tests/test_evaluation.py doe
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import math
@@ -29,7 +28,7 @@ from edgerlhf import data, modeling, paths, ppo, runtime
 from edgerlhf import metrics as M
 from edgerlhf.config import Params, PPOParams
 from edgerlhf.errors import ArtifactError, ConfigError
-from edgerlhf.judge import describe, gold_judge, read_info, require_judge
+from edgerlhf.judge import describe, free_memory, gold_judge, read_info, require_judge
 from edgerlhf.modeling import Device
 from edgerlhf.ppo_stage import load_policy_base, tokenize_prompts
 from edgerlhf.precisions import is_quantized, load_reward_model
@@ -238,13 +237,6 @@ def _check_length(max_positions: int | None, prompts: Sequence[Sequence[int]], m
                           f"model with more positions (model.tiny.n_positions, model.name){also}")
 
 
-def _free() -> None:
-    """Return memory of models the caller has just deleted (one model in memory at a time)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def generate_all(params: Params, device: Device, tokenizer: Any, prompts: Sequence[Sequence[int]],
                  sampling: PPOParams, progress: bool) -> dict[str, Generations]:
     """Samples of SFT (the reference of the first PPO policy, adapter off) and of every PPO policy, one model in
@@ -268,7 +260,7 @@ def generate_all(params: Params, device: Device, tokenizer: Any, prompts: Sequen
         gens[policy_name(p)] = generate(policy, tokenizer, prompts, sampling, params.eval.batch_size, params.seed,
                                         kl_chunk_size=chunk, desc=f"generate {policy_name(p)}", progress=progress)
         del policy, base
-        _free()
+        free_memory()
     return gens
 
 
@@ -324,7 +316,7 @@ def run_evaluation(params: Params, device: Device, *, progress: bool = True) -> 
                  is_quantized(rm, p), modeling.model_memory_mb(rm), device.describe())
         proxy[p] = {n: rm_scores(rm, gens[n], pad_id, chunk) for n in names}
         del rm
-        _free()
+        free_memory()
 
     gold = None
     if gold_fn is not None:  # one pass over every policy's responses: a model judge is loaded once, then freed

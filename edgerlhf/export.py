@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from edgerlhf import formats, paths, precisions
-from edgerlhf.config import Params, load_params
+from edgerlhf.config import Params, flatten, load_params
 from edgerlhf.errors import ArtifactError, EdgeRLHFError, HubError
 from edgerlhf.generate import Sampling, UsageError, quiet_libraries, require_policy
 
@@ -133,17 +133,6 @@ def check_inputs(root: Path, params: Params, precision: str) -> None:
 
 
 # --------------------------------------------------------------------------- model card
-
-
-def flatten(obj: dict, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1} (metrics files hold numbers, eval.json one object per policy)."""
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def metrics_table(rows: Sequence[tuple[str, str, Any]]) -> str:

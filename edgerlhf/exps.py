@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgerlhf import paths
-from edgerlhf.config import PRECISIONS
+from edgerlhf.config import PRECISIONS, flatten
 from edgerlhf.errors import ArtifactError, EdgeRLHFError
 from edgerlhf.report import HEADLINE_KEYS
 
@@ -31,13 +31,6 @@ class Experiment:
     rev: str
     params: dict[str, Any]
     headline: dict[str, dict[str, float]]
-
-
-def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """{"ppo": {"init_kl_coef": 0.1}} -> {"ppo.init_kl_coef": 0.1}; lists stay values."""
-    if not isinstance(obj, dict):
-        return {prefix: obj}
-    return {k: v for key, value in obj.items() for k, v in flatten(value, f"{prefix}.{key}" if prefix else key).items()}
 
 
 def _experiment(entry: dict, name: str) -> Experiment:

@@ -15,12 +15,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from edgerlhf import paths
-from edgerlhf.config import LOCAL_DATA_DIR, LOCAL_MODEL_DIR, deep_merge, parse_params
+from edgerlhf.config import LOCAL_DATA_DIR, LOCAL_MODEL_DIR, deep_merge, flatten, parse_params
 from edgerlhf.errors import EdgeRLHFError
 
 # What the pipeline needs in the scratch copy (deps of dvc.yaml are hashed there).
@@ -53,15 +52,9 @@ def git(dest: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *GIT_IDENTITY, *args], cwd=dest, capture_output=True, text=True, check=True)
 
 
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        return {prefix: obj}
-    return {k: v for key, value in obj.items() for k, v in _flat(value, f"{prefix}.{key}" if prefix else key).items()}
-
-
 def params_changes(old_text: str, new_text: str) -> list[str]:
     """'key old -> new' for every params key that differs between two params.yaml texts."""
-    old, new = _flat(yaml.safe_load(old_text) or {}), _flat(yaml.safe_load(new_text) or {})
+    old, new = flatten(yaml.safe_load(old_text) or {}), flatten(yaml.safe_load(new_text) or {})
     return [f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}" for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k)]
 

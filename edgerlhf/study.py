@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from edgerlhf import exps, paths
-from edgerlhf.config import PRECISIONS
+from edgerlhf.config import PRECISIONS, flatten
 from edgerlhf.errors import EdgeRLHFError
 from edgerlhf.report import fmt, unsupported_numbers
 
@@ -490,7 +490,7 @@ def stage_env(run_dir: str | Path) -> dict[str, str]:
         raw = yaml.safe_load((Path(run_dir) / "params.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
         raw = {}
-    flat = exps.flatten(raw) if isinstance(raw, dict) else {}
+    flat = flatten(raw) if isinstance(raw, dict) else {}
     if flat.get("model.source") == "tiny" and flat.get("data.source") == "synthetic":
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("HF_DATASETS_OFFLINE", "1")
